@@ -1,0 +1,122 @@
+"""Safe image decoding shared by everything that reads pixels.
+
+:func:`load_image` returns an RGB :class:`PIL.Image.Image` or raises :class:`ImageLoadError`
+naming the file and the reason. It applies EXIF orientation, composites palette/alpha images on
+white, maps 16-bit images to 8 bits, decodes JPEGs at reduced size (draft mode) when the target is
+much smaller, refuses images over a pixel budget (decompression bombs), and never leaks a file
+handle.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .records import ImageRef
+
+# Pillow's own error threshold (2x MAX_IMAGE_PIXELS); over it an image is skipped.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+ImageSource = Union[str, os.PathLike, bytes, ImageRef]
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; ``str()`` is a one-line message naming the file and reason."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def _source_name(src: ImageSource) -> str:
+    if isinstance(src, ImageRef):
+        return src.name
+    if isinstance(src, bytes):
+        return "<bytes>"
+    return str(src)
+
+
+def _open_bytes(src: ImageSource) -> bytes:
+    if isinstance(src, bytes):
+        return src
+    if isinstance(src, ImageRef):
+        return src.read_bytes()
+    return Path(src).read_bytes()
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer greyscale (I;16, I) scaled into 0..255 rather than clipped."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.clip(arr, 0.0, 1.0) * 255.0 if arr.max(initial=0) <= 1.0 else np.clip(arr, 0, 255)
+    else:
+        arr = arr.astype(np.int64)
+        top = 65535 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 255
+        arr = arr * 255 // top
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_image(src: ImageSource, target_size: int | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``src`` to an RGB image.
+
+    ``target_size``: the smallest side the caller needs; JPEGs are decoded at the smallest
+    DCT scale (1/2, 1/4, 1/8) that still covers it. ``max_pixels``: images with more pixels are
+    refused before their pixels are decoded.
+    """
+    name = _source_name(src)
+    try:
+        data = _open_bytes(src)
+    except OSError as e:
+        raise ImageLoadError(name, f"cannot read file ({e.strerror or e})") from e
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageLoadError(name, f"too many pixels ({w}x{h} = {w * h / 1e6:.0f} MP, "
+                                               f"limit {max_pixels / 1e6:.0f} MP)")
+                if target_size and img.format == "JPEG":
+                    # draft keeps each side >= the requested size; scale on the short side.
+                    scale = target_size / min(w, h)
+                    img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(name, f"too many pixels ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(name, "not an image, or a format Pillow cannot read") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or e.__class__.__name__
+        if "truncated" in msg.lower():
+            msg = "truncated image file"
+        raise ImageLoadError(name, f"corrupt image ({msg})") from e
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` (bicubic) and crop the centre square."""
+    return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, centering=(0.5, 0.5))

@@ -1,0 +1,97 @@
+"""The records every reader yields: one image with its captions."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_caption(text: str) -> str:
+    """Normalise a caption as the reference does: lower-case, whitespace folded, trailing period stripped."""
+    text = _WS.sub(" ", text).strip().lower()
+    while text.endswith("."):
+        text = text[:-1].rstrip()
+    return text
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image's bytes live: a file on disk, or a member of a tar shard.
+
+    For a tar member, ``offset``/``size`` locate its data inside ``path`` so that it can be read
+    back at random without scanning the archive.
+    """
+
+    path: str
+    member: str | None = None
+    offset: int | None = None
+    size: int | None = None
+
+    @property
+    def name(self) -> str:
+        """A readable name for messages and catalogs."""
+        return f"{self.path}::{self.member}" if self.member else self.path
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.member or self.path).suffix.lower()
+
+    def read_bytes(self) -> bytes:
+        if self.member is None:
+            return Path(self.path).read_bytes()
+        with open(self.path, "rb") as f:
+            f.seek(self.offset or 0)
+            data = f.read(self.size or 0)
+        if len(data) != (self.size or 0):
+            raise OSError(f"{self.name}: tar member truncated ({len(data)} of {self.size} bytes)")
+        return data
+
+    def identity(self) -> tuple:
+        """What changes when the image changes: used as a cache key."""
+        st = os.stat(self.path)
+        return (os.path.abspath(self.path), self.member, self.offset, self.size, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ImageCaption:
+    """One image and all of its (normalised) captions."""
+
+    image: ImageRef
+    captions: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.image.name
+
+
+@dataclass
+class SkipLog:
+    """Collects records left out of a data set, with their reasons, and reports them once."""
+
+    entries: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, name: str, reason: str) -> None:
+        self.entries.append((name, reason))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def summary(self, first: int = 5) -> str:
+        if not self.entries:
+            return "nothing skipped"
+        counts = Counter(reason.split(":")[0] for _, reason in self.entries)
+        kinds = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
+        shown = "; ".join(f"{name} ({reason})" for name, reason in self.entries[:first])
+        more = f"; and {len(self.entries) - first} more" if len(self.entries) > first else ""
+        return f"skipped {len(self.entries)} ({kinds}); first: {shown}{more}"
+
+    def report(self, what: str) -> None:
+        if self.entries:
+            log.warning("%s: %s", what, self.summary())

@@ -2,3 +2,62 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+WORDS = ("a an the one two three four small large red green blue yellow purple orange black white circle "
+         "circles square squares triangle triangles star stars diamond diamonds hexagon hexagons on in of "
+         "and above below over to left right top bottom center corner picture image showing there is are "
+         "here scene with shape shapes background gray beige dark pale pink drawn , :").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory):
+    """A tiny BERT built from a config + word-piece vocab, saved as a local HF folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS))
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(d)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_model(tmp_path_factory):
+    """A tiny ViT built from a config, with its image processor, saved as a local HF folder."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    d = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64)
+    ViTModel(cfg).save_pretrained(d)
+    ViTImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory):
+    """120 generated images (5 captions each), COCO format."""
+    from dualsearch.data.shapes import generate_shapes
+
+    d = tmp_path_factory.mktemp("shapes")
+    captions = generate_shapes(d, 120, seed=3, size=64, progress=False)
+    return captions, d
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_text_model, tiny_vision_model):
+    from dualsearch.config import ModelConfig
+
+    return ModelConfig(image_tower=f"hf:{tiny_vision_model}", text_tower=f"hf:{tiny_text_model}",
+                       embed_dim=16, head_layers=1)

@@ -69,6 +69,83 @@ def cmd_data_info(args: argparse.Namespace) -> None:
             print(f"    - {c}")
 
 
+# ----------------------------------------------------------------------------- train / eval
+def _cache_dir(args: argparse.Namespace):
+    from .train.features import default_cache_dir
+
+    return None if getattr(args, "no_cache", False) else (args.cache_dir or default_cache_dir())
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data.captions import split_records
+    from .model.dual_encoder import DualEncoder, ModelError
+    from .model.towers import TowerError
+    from .train.fit import fit, recipe
+
+    overrides = {k: getattr(args, k) for k in ("image_tower", "text_tower", "embed_dim", "head_layers", "loss",
+                                               "temperature", "image_trainable", "text_trainable", "epochs",
+                                               "batch_size", "lr", "weight_decay", "captions_per_image", "seed")}
+    if args.augment:
+        overrides["augment"] = True
+    try:
+        mcfg, tcfg = recipe(args.recipe, **overrides)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    ds = read_source(args)
+    if args.val_captions:
+        val = read_source(args, prefix="val_").records
+        train = ds.records
+    else:
+        if not 0 <= args.val_fraction < 1:
+            raise UsageError("--val-fraction must be in [0, 1)")
+        parts = split_records(ds.records, {"train": 1 - args.val_fraction, "val": args.val_fraction}, tcfg.seed)
+        train, val = parts["train"], parts["val"]
+    if not train:
+        raise UsageError(f"{args.captions}: no usable training records")
+    init = None
+    try:
+        if args.init:
+            init = DualEncoder.load(args.init)
+        result = fit(mcfg, tcfg, train, val, args.out, cache_dir=_cache_dir(args), use_cache=not args.no_cache,
+                     accelerator=args.accelerator, devices=args.devices, num_workers=args.workers,
+                     init_model=init, extra={"source": str(args.captions)})
+    except (TowerError, ModelError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    last = result.history[-1] if result.history else {}
+    print(f"trained {len(result.history)} epochs ({len(train)} train / {len(val)} val images); "
+          f"last train loss {last.get('train_loss', float('nan')):.4f}, best val loss "
+          f"{result.best_val_loss if result.best_val_loss is not None else float('nan'):.4f}")
+    print(f"model written to {result.folder}")
+    print(f"loss curve: {result.folder}/loss.png")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .embed import embed_records
+    from .eval import retrieval_metrics
+    from .model.dual_encoder import DualEncoder, ModelError
+    from .model.towers import TowerError
+
+    try:
+        model = DualEncoder.load(args.model)
+    except (ModelError, TowerError) as e:
+        raise UsageError(str(e)) from e
+    ds = read_source(args, captions_per_image=args.captions_per_image)
+    records = ds.records[: args.limit] if args.limit else ds.records
+    if not records:
+        raise UsageError(f"{args.captions}: no usable records to evaluate")
+    emb = embed_records(model, records, _cache_dir(args), num_workers=args.workers)
+    metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=args.k)
+    print(json.dumps(metrics.as_dict(), indent=None if args.json else 2) if args.json else metrics.table())
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", help="feature cache (default ~/.cache/dualsearch or $DUALSEARCH_CACHE)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--workers", type=int, help="image decoding worker processes")
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualsearch", description=__doc__)
@@ -94,12 +171,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=3, help="records to print")
     p.set_defaults(func=cmd_data_info)
 
+    p = sub.add_parser("train", help="train a dual encoder")
+    add_data_source_args(p)
+    add_data_source_args(p, required=False, prefix="val-")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out images when no --val-captions")
+    p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write")
+    p.add_argument("--recipe", default="default", choices=["default", "seed"],
+                   help="seed: the reference exactly; default: ours (see README)")
+    p.add_argument("--init", metavar="MODEL", help="start from this model folder (fine-tuning)")
+    p.add_argument("--image-tower", help="efficientnet-lite0 (default), hf:<id|path>, timm:<name>")
+    p.add_argument("--text-tower", help="minilm-l6 (default), hf:<id|path>")
+    p.add_argument("--image-trainable", help="frozen (default), all, last:N")
+    p.add_argument("--text-trainable", help="frozen (default), all, last:N")
+    p.add_argument("--loss", choices=["seed", "clip", "siglip"])
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--embed-dim", type=int)
+    p.add_argument("--head-layers", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--captions-per-image", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
+    p.add_argument("--devices", default="auto", help="number of devices (several GPUs use DDP)")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="Recall@K both ways and top-k accuracy")
+    p.add_argument("--model", required=True)
+    add_data_source_args(p)
+    p.add_argument("--k", type=int, default=100, help="k of the top-k accuracy (default 100)")
+    p.add_argument("--captions-per-image", type=int, help="use only the first N captions of each image")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--json", action="store_true")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Lightning and transformers talk a lot at INFO; keep their warnings only."""
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
 def main(argv: list[str] | None = None) -> int:

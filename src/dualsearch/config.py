@@ -1,0 +1,64 @@
+"""Small frozen dataclasses saved with every model and index (as JSON)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a dual encoder."""
+
+    image_tower: str = "efficientnet-lite0"
+    text_tower: str = "minilm-l6"
+    text_pooling: str = "auto"
+    max_text_length: int = 64
+    embed_dim: int = 256
+    head_layers: int = 1
+    dropout: float = 0.1
+    loss: str = "clip"  # seed (soft targets, fixed temperature) | clip (InfoNCE) | siglip
+    temperature: float = 0.05  # fixed (seed) or initial (clip, siglip) temperature
+    learn_temperature: bool = True
+    image_trainable: str = "frozen"  # frozen | all | last:N
+    text_trainable: str = "frozen"
+
+    @property
+    def normalize(self) -> bool:
+        """Embeddings are L2-normalised inside the loss (CLIP, SigLIP), not in the seed recipe."""
+        return self.loss != "seed"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained."""
+
+    recipe: str = "default"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    plateau_factor: float = 0.2
+    plateau_patience: int = 3
+    early_stop_patience: int = 5
+    captions_per_image: int | None = None  # None: all
+    pairs: str = "sample"  # all: every (image, caption) pair each epoch; sample: one caption per image
+    val_fraction: float = 0.1
+    seed: int = 0
+    augment: bool = False
+    tower_lr: float = 1e-5
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls, data: dict):
+    """Build a dataclass from a dict, ignoring unknown keys (forward compatibility)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(to_dict(obj), indent=2, sort_keys=True)

@@ -1,0 +1,214 @@
+"""The dual encoder: two towers, two projection heads, one embedding space.
+
+A model folder holds ``config.json`` (everything needed to rebuild it) and ``model.safetensors``
+(heads, temperature, and the weights of any tower that was trained). Frozen pretrained towers are
+rebuilt from their spec; their fingerprints are recorded so that a changed tower is detected.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, from_dict, to_dict
+from .heads import ProjectionHead
+from .losses import clip_loss, seed_loss, siglip_loss
+from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be loaded."""
+
+
+class DualEncoder(nn.Module):
+    """``encode_image(pixels [B,3,H,W]) -> [B,D]``, ``encode_text(tokens) -> [B,D]``."""
+
+    def __init__(self, config: ModelConfig, image_tower: ImageTower | None = None,
+                 text_tower: TextTower | None = None):
+        super().__init__()
+        self.config = config
+        self.image_tower = image_tower or build_image_tower(config.image_tower)
+        self.text_tower = text_tower or build_text_tower(config.text_tower, config.text_pooling,
+                                                         config.max_text_length)
+        self.image_tower.set_trainable(config.image_trainable)
+        self.text_tower.set_trainable(config.text_trainable)
+        d = config.embed_dim
+        self.image_head = ProjectionHead(self.image_tower.output_dim, d, config.head_layers, config.dropout)
+        self.text_head = ProjectionHead(self.text_tower.output_dim, d, config.head_layers, config.dropout)
+        init_scale = math.log(1.0 / config.temperature)
+        self.logit_scale = nn.Parameter(torch.tensor(init_scale), requires_grad=config.learn_temperature)
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0 if config.loss == "siglip" else 0.0),
+                                       requires_grad=config.loss == "siglip")
+
+    # ------------------------------------------------------------------ encoding
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_head(self.image_tower(pixels))
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.text_head(self.text_tower(tokens))
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "seed":
+            return seed_loss(image_emb, text_emb, self.config.temperature)
+        if self.config.loss == "clip":
+            return clip_loss(image_emb, text_emb, self.logit_scale)
+        if self.config.loss == "siglip":
+            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias)
+        raise ModelError(f"unknown loss {self.config.loss!r}: use seed, clip or siglip")
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Strings -> L2-normalised float32 embeddings ``[N, D]``."""
+        self.eval()
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.text_tower.tokenize(list(texts[i:i + batch_size]))
+            tokens = {k: v.to(self.device) for k, v in tokens.items()}
+            out.append(F.normalize(self.encode_text(tokens).float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Preprocessed pixels ``[B,3,S,S]`` -> L2-normalised float32 embeddings ``[B, D]``."""
+        self.eval()
+        pixels = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+        return F.normalize(self.encode_image(pixels).float(), dim=-1).cpu().numpy()
+
+    def embed_images(self, images: Iterable, batch_size: int = 64) -> np.ndarray:
+        """PIL images -> L2-normalised embeddings ``[N, D]``."""
+        batch, out = [], []
+        for img in images:
+            batch.append(self.image_tower.preprocess(img))
+            if len(batch) == batch_size:
+                out.append(self.embed_pixels(torch.stack(batch)))
+                batch = []
+        if batch:
+            out.append(self.embed_pixels(torch.stack(batch)))
+        return np.concatenate(out) if out else np.zeros((0, self.config.embed_dim), np.float32)
+
+    # ------------------------------------------------------------------ persistence
+    def _saved_state(self) -> dict[str, torch.Tensor]:
+        """Heads and temperature always; a tower's weights only when it was trained."""
+        keep = ["image_head.", "text_head.", "logit_scale", "logit_bias"]
+        if self.config.image_trainable != "frozen":
+            keep.append("image_tower.")
+        if self.config.text_trainable != "frozen":
+            keep.append("text_tower.")
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if any(k.startswith(p) for p in keep)}
+
+    def save(self, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write the model folder atomically (temp files renamed into place)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {"format_version": FORMAT_VERSION, "model": to_dict(self.config),
+               "fingerprints": {"image_tower": self.image_tower.fingerprint()
+                                if self.config.image_trainable == "frozen" else None,
+                                "text_tower": self.text_tower.fingerprint()
+                                if self.config.text_trainable == "frozen" else None},
+               **(extra or {})}
+        state = self._saved_state()
+        # tied or shared tensors must be cloned for safetensors
+        state = {k: v.clone() for k, v in state.items()}
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
+            tmp_weights = f.name
+        save_file(state, tmp_weights)
+        os.replace(tmp_weights, folder / WEIGHTS_FILE)
+        _atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
+             verify_towers: bool = False) -> "DualEncoder":
+        """Rebuild a saved model; ``verify_towers`` checks frozen towers against their fingerprints."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        doc = read_model_config(folder)
+        config = from_dict(ModelConfig, doc["model"])
+        model = cls(config)
+        try:
+            state = load_file(str(folder / WEIGHTS_FILE))
+        except (OSError, Exception) as e:  # safetensors raises its own error type
+            raise ModelError(f"{folder / WEIGHTS_FILE}: cannot read weights ({e})") from e
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        needed = [k for k in missing if k in model._saved_state()]
+        if needed or unexpected:
+            raise ModelError(f"{folder}: weights do not match the config (missing {needed[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        if verify_towers:
+            for name in ("image_tower", "text_tower"):
+                want = doc.get("fingerprints", {}).get(name)
+                got = getattr(model, name).fingerprint()
+                if want and want != got:
+                    raise ModelError(f"{folder}: the {name.replace('_', ' ')} {getattr(config, name)!r} "
+                                     f"is not the one this model was trained with")
+        model.folder = folder
+        return model.to(device).eval()
+
+    def content_hash(self) -> str:
+        """A short hash of the saved weights + config (recorded by indexes)."""
+        folder = getattr(self, "folder", None)
+        if folder is None:
+            raise ModelError("model has not been saved")
+        return model_content_hash(folder)
+
+
+def read_model_config(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ModelError(f"{folder}: not a dualsearch model folder (no {CONFIG_FILE})")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ModelError(f"{path}: damaged config ({e})") from e
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path}: model format {doc.get('format_version')} is not supported "
+                         f"(this dualsearch reads {FORMAT_VERSION})")
+    return doc
+
+
+def model_content_hash(folder: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        with open(Path(folder) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def no_grad_if_frozen(module: nn.Module):
+    frozen = not any(p.requires_grad for p in module.parameters())
+    with torch.no_grad() if frozen else contextlib.nullcontext():
+        yield

@@ -1,0 +1,41 @@
+"""Contrastive losses as pure functions of embeddings. Shapes: ``image, text: [B, D]``."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the learned log-scale so the scale stays <= 100
+
+
+def seed_loss(image: torch.Tensor, text: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """The reference's soft-target loss on unnormalised embeddings.
+
+    logits = text @ image.T / T; targets = softmax((text@text.T + image@image.T) / (2T)) row-wise;
+    loss = mean((CE(targets, logits) + CE(targets.T, logits.T)) / 2).
+    """
+    logits = text @ image.T / temperature
+    targets = F.softmax((text @ text.T + image @ image.T) / (2 * temperature), dim=-1)
+    captions_loss = -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
+    images_loss = -(targets.T * F.log_softmax(logits.T, dim=-1)).sum(-1)
+    return ((captions_loss + images_loss) / 2).mean()
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on L2-normalised embeddings; ``logit_scale`` is log(1/T), clamped."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * image @ text.T
+    labels = torch.arange(len(image), device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: -sum(log sigmoid(z_ij * (s * x_i.y_j + b))) / B, z = +1 on the
+    diagonal, -1 elsewhere."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = logit_scale.exp() * image @ text.T + logit_bias
+    z = 2 * torch.eye(len(image), device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum() / len(image)

@@ -1,0 +1,105 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dualsearch.eval import image_to_text_ranks, retrieval_metrics, text_to_image_ranks
+from dualsearch.model.heads import ProjectionHead
+from dualsearch.model.losses import MAX_LOGIT_SCALE, clip_loss, seed_loss, siglip_loss
+
+
+def _naive_seed(image, text, T):
+    """The reference's formula, written out element by element."""
+    B = len(image)
+    logits = [[float(text[i] @ image[j]) / T for j in range(B)] for i in range(B)]
+    sim = [[(float(text[i] @ text[j]) + float(image[i] @ image[j])) / (2 * T) for j in range(B)] for i in range(B)]
+    targets = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in sim]
+
+    def ce(t_row, l_row):
+        lse = math.log(sum(math.exp(v) for v in l_row))
+        return -sum(t * (l - lse) for t, l in zip(t_row, l_row))
+
+    col = lambda m, j: [m[i][j] for i in range(B)]  # noqa: E731
+    total = 0.0
+    for i in range(B):
+        total += (ce(targets[i], logits[i]) + ce(col(targets, i), col(logits, i))) / 2
+    return total / B
+
+
+def test_seed_loss_matches_reference_formula():
+    g = torch.Generator().manual_seed(0)
+    image, text = torch.randn(6, 4, generator=g) * 0.3, torch.randn(6, 4, generator=g) * 0.3
+    got = float(seed_loss(image, text, 0.05))
+    assert got == pytest.approx(_naive_seed(image.double(), text.double(), 0.05), rel=1e-4)
+
+
+def test_clip_loss_matches_naive_and_clamps():
+    g = torch.Generator().manual_seed(1)
+    image, text = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    scale = torch.tensor(math.log(1 / 0.07))
+    i, t = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = (1 / 0.07) * i @ t.T
+    naive = 0.0
+    for k in range(5):
+        naive += -torch.log_softmax(logits[k], 0)[k] - torch.log_softmax(logits[:, k], 0)[k]
+    assert float(clip_loss(image, text, scale)) == pytest.approx(float(naive) / 10, rel=1e-5)
+    big = clip_loss(image, text, torch.tensor(10.0))
+    assert float(big) == pytest.approx(float(clip_loss(image, text, torch.tensor(MAX_LOGIT_SCALE))), rel=1e-6)
+
+
+def test_siglip_loss_matches_naive():
+    g = torch.Generator().manual_seed(2)
+    image, text = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    s, b = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    i, t = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    naive = 0.0
+    for x in range(4):
+        for y in range(4):
+            z = 1.0 if x == y else -1.0
+            naive += -math.log(1 / (1 + math.exp(-z * (10.0 * float(i[x] @ t[y]) - 10.0))))
+    assert float(siglip_loss(image, text, s, b)) == pytest.approx(naive / 4, rel=1e-5)
+
+
+def test_losses_prefer_matching_pairs():
+    x = F.normalize(torch.randn(8, 16), dim=-1)
+    for loss in (lambda a, b: seed_loss(a, b, 0.05), lambda a, b: clip_loss(a, b, torch.tensor(3.0))):
+        assert loss(x, x) < loss(x, x.roll(1, 0))
+
+
+def test_projection_head_shape_and_structure():
+    head = ProjectionHead(10, 6, layers=2, dropout=0.1)
+    assert head(torch.randn(3, 10)).shape == (3, 6)
+    assert isinstance(head.blocks[0]["norm"], torch.nn.LayerNorm) and len(head.blocks) == 2
+
+
+def _naive_metrics(img, txt, owner, k):
+    S = txt @ img.T
+    t2i = np.array([1 + np.sum(S[m] > S[m, owner[m]]) for m in range(len(txt))])
+    i2t = []
+    for n in range(len(img)):
+        own = np.where(owner == n)[0]
+        best = S[own, n].max()
+        i2t.append(1 + np.sum(S[:, n] > best))
+    return t2i, np.array(i2t)
+
+
+@pytest.mark.parametrize("block", [7, 1 << 24])
+def test_recall_matches_naive_full_matrix(block):
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(40, 8)).astype(np.float32)
+    owner = np.repeat(np.arange(40), rng.integers(1, 4, size=40))
+    txt = (img[owner] + rng.normal(scale=1.0, size=(len(owner), 8))).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    t2i, i2t = _naive_metrics(img, txt, owner, 5)
+    np.testing.assert_array_equal(text_to_image_ranks(img, txt, owner, block_elems=block), t2i)
+    np.testing.assert_array_equal(image_to_text_ranks(img, txt, owner, block_elems=block), i2t)
+    m = retrieval_metrics(img, txt, owner, k=5, block_elems=block)
+    assert m.text_to_image["R@5"] == pytest.approx(100 * np.mean(t2i <= 5))
+    assert m.image_to_text["R@1"] == pytest.approx(100 * np.mean(i2t <= 1))
+    assert m.text_to_image["median_rank"] == np.median(t2i)
+    first = [np.where(owner == n)[0][0] for n in range(40)]
+    assert m.top_k_accuracy == {"k": 5, "value": pytest.approx(100 * np.mean(t2i[first] <= 5))}
+    assert set(m.as_dict()) == {"text_to_image", "image_to_text", "top_k_accuracy", "images", "queries"}

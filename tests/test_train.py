@@ -1,0 +1,158 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dualsearch.cli import main
+from dualsearch.config import ModelConfig, TrainConfig
+from dualsearch.data.captions import read_dataset, split_records
+from dualsearch.data.records import ImageCaption, ImageRef
+from dualsearch.embed import embed_records
+from dualsearch.model.dual_encoder import DualEncoder, ModelError
+from dualsearch.model.towers import TowerError, build_image_tower, build_text_tower
+from dualsearch.train.features import FeatureCache, compute_image_features, image_key
+from dualsearch.train.fit import fit
+
+
+def test_hf_towers_load_from_local_paths(tiny_text_model, tiny_vision_model):
+    text = build_text_tower(f"hf:{tiny_text_model}")
+    assert text.pooling == "pooler" and text.output_dim == 32
+    out = text(text.tokenize(["a red circle", "two blue stars above a square"]))
+    assert out.shape == (2, 32)
+    mean = build_text_tower(f"hf:{tiny_text_model}", pooling="mean")
+    assert not torch.allclose(mean(mean.tokenize(["a red circle"])), text(text.tokenize(["a red circle"])))
+    vis = build_image_tower(f"hf:{tiny_vision_model}")
+    assert vis.image_size == 32 and vis.output_dim == 32 and vis.resize == "squash"
+    from PIL import Image
+
+    px = vis.preprocess(Image.new("RGB", (50, 40), (255, 0, 0)))
+    assert px.shape == (3, 32, 32)
+    assert vis(px[None]).shape == (1, 32)
+
+
+def test_tower_errors_are_clear(tmp_path):
+    with pytest.raises(TowerError, match="unknown image tower"):
+        build_image_tower("resnet9000")
+    with pytest.raises(TowerError, match="local folder"):
+        build_text_tower(f"hf:{tmp_path}/nothing-here")
+
+
+def test_trainable_modes(tiny_text_model):
+    t = build_text_tower(f"hf:{tiny_text_model}")
+    t.set_trainable("frozen")
+    assert t.is_frozen
+    t.set_trainable("last:1")
+    trainable = {n for n, p in t.named_parameters() if p.requires_grad}
+    assert trainable and all("encoder.layer.1." in n for n in trainable)
+    with pytest.raises(TowerError):
+        t.set_trainable("some")
+
+
+def _records(captions, root):
+    ds = read_dataset(captions, root)
+    return split_records(ds.records, {"train": 0.8, "val": 0.2}, seed=0)
+
+
+def test_two_epoch_run_lowers_loss_and_writes_loadable_model(tmp_path, shapes_data, tiny_model_config):
+    parts = _records(*shapes_data)
+    tcfg = TrainConfig(epochs=3, batch_size=32, lr=3e-3, early_stop_patience=10)
+    res = fit(tiny_model_config, tcfg, parts["train"], parts["val"], tmp_path / "m", cache_dir=tmp_path / "c",
+              progress=False)
+    assert len(res.history) == 3
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    folder = tmp_path / "m"
+    for name in ("config.json", "model.safetensors", "loss_history.csv", "loss.png"):
+        assert (folder / name).is_file(), name
+    rows = list(csv.DictReader(open(folder / "loss_history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    doc = json.loads((folder / "config.json").read_text())
+    assert doc["model"]["embed_dim"] == 16 and doc["train"]["epochs"] == 3
+    loaded = DualEncoder.load(folder, verify_towers=True)
+    texts = ["a red circle", "two blue squares"]
+    np.testing.assert_allclose(loaded.embed_texts(texts), res.model.embed_texts(texts), atol=1e-6)
+    a = embed_records(res.model, parts["val"][:5], None)
+    b = embed_records(loaded, parts["val"][:5], None)
+    np.testing.assert_allclose(a.image_emb, b.image_emb, atol=1e-5)
+
+
+def test_raw_path_with_trainable_tower_saves_tower_weights(tmp_path, shapes_data, tiny_model_config):
+    from dataclasses import replace
+
+    parts = _records(*shapes_data)
+    mcfg = replace(tiny_model_config, text_trainable="last:1")
+    res = fit(mcfg, TrainConfig(epochs=1, batch_size=32), parts["train"][:40], parts["val"][:10],
+              tmp_path / "m", cache_dir=tmp_path / "c", progress=False, num_workers=0)
+    loaded = DualEncoder.load(tmp_path / "m")
+    np.testing.assert_allclose(loaded.embed_texts(["a star"]), res.model.embed_texts(["a star"]), atol=1e-6)
+
+
+def test_feature_cache_hit_and_invalidation(tmp_path, tiny_vision_model):
+    from PIL import Image
+
+    tower = build_image_tower(f"hf:{tiny_vision_model}")
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (40, 40), (80 * i, 0, 0)).save(p)
+        paths.append(p)
+    refs = [ImageRef(str(p)) for p in paths]
+    cache = FeatureCache(tmp_path / "c", tower.fingerprint(), tower.output_dim)
+    f1, ok = compute_image_features(tower, refs, cache, num_workers=0)
+    assert ok.all() and cache.misses == 3 and cache.hits == 0
+    f2, _ = compute_image_features(tower, refs, cache, num_workers=0)
+    assert cache.hits == 3
+    np.testing.assert_array_equal(f1, f2)
+    # a changed file gets a new key and is recomputed
+    import os
+    import time
+
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(paths[0])
+    os.utime(paths[0], ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    before = cache.misses
+    f3, _ = compute_image_features(tower, refs, cache, num_workers=0)
+    assert cache.misses == before + 1
+    assert not np.allclose(f3[0], f1[0]) and np.allclose(f3[1:], f1[1:])
+    # a changed tower has another fingerprint, so another cache file
+    with torch.no_grad():
+        next(tower.parameters()).add_(1.0)
+    tower._fingerprint = None
+    assert FeatureCache(tmp_path / "c", tower.fingerprint(), tower.output_dim).path != cache.path
+
+
+def test_bad_image_in_training_is_skipped(tmp_path, shapes_data, tiny_model_config):
+    parts = _records(*shapes_data)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    train = parts["train"][:30] + [ImageCaption(ImageRef(str(bad)), ("a red circle",))]
+    res = fit(tiny_model_config, TrainConfig(epochs=1, batch_size=16), train, [], None, cache_dir=None,
+              use_cache=True, progress=False)
+    assert len(res.history) == 1
+
+
+def test_model_load_errors(tmp_path):
+    with pytest.raises(ModelError, match="not a dualsearch model folder"):
+        DualEncoder.load(tmp_path)
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(ModelError, match="damaged config"):
+        DualEncoder.load(tmp_path)
+
+
+def test_cli_train_and_eval_json(tmp_path, shapes_data, tiny_text_model, tiny_vision_model, capsys):
+    captions, root = shapes_data
+    common = ["--captions", str(captions), "--images", str(root), "--cache-dir", str(tmp_path / "c")]
+    for rec in ("seed", "default"):
+        out = tmp_path / rec
+        assert main(["-q", "train", *common, "--out", str(out), "--recipe", rec, "--epochs", "2",
+                     "--image-tower", f"hf:{tiny_vision_model}", "--text-tower", f"hf:{tiny_text_model}",
+                     "--batch-size", "32"]) == 0
+        assert f"model written to {out}" in capsys.readouterr().out
+        assert main(["-q", "eval", "--model", str(out), *common, "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["images"] == 120 and doc["queries"] == 600
+        assert set(doc["text_to_image"]) == {"R@1", "R@5", "R@10", "median_rank"}
+        assert doc["top_k_accuracy"]["k"] == 100
+    cfg = json.loads((tmp_path / "seed" / "config.json").read_text())
+    assert cfg["model"]["loss"] == "seed" and cfg["train"]["captions_per_image"] == 2
+    assert main(["eval", "--model", str(tmp_path / "nope"), *common]) == 2

@@ -140,6 +140,76 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics.as_dict(), indent=None if args.json else 2) if args.json else metrics.table())
 
 
+# ----------------------------------------------------------------------------- index / search / demo
+def cmd_index(args: argparse.Namespace) -> None:
+    from .data.captions import DataError
+    from .index.ann import ANNError
+    from .index.build import IndexError_, build_index
+    from .index.catalog import CatalogError
+    from .model.dual_encoder import ModelError
+    from .model.towers import TowerError
+
+    try:
+        report = build_index(args.images_dir, args.model, args.out, kind=args.ann, exclude=args.exclude or (),
+                             batch_size=args.batch_size, num_workers=args.workers,
+                             commit_every=args.commit_every, max_pixels=args.max_pixels, memory_budget=args.memory_budget * 1e9)
+    except (DataError, IndexError_, CatalogError, ModelError, TowerError, ANNError) as e:
+        raise UsageError(str(e)) from e
+    print(report.summary())
+    for path, reason in report.skipped[:10]:
+        print(f"  skipped {path}: {reason}")
+    if len(report.skipped) > 10:
+        print(f"  ... and {len(report.skipped) - 10} more (see the catalog)")
+    print(f"index written to {args.out}")
+
+
+def open_searcher(index: str, model: str | None = None):
+    from .index.ann import ANNError
+    from .index.build import IndexError_
+    from .index.catalog import CatalogError
+    from .model.dual_encoder import ModelError
+    from .search import Searcher
+
+    try:
+        return Searcher.open(index, model)
+    except (IndexError_, CatalogError, ModelError, ANNError) as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    import json
+
+    from .data.images import ImageLoadError
+    from .search import save_grid
+
+    if not args.query and not args.image and not args.add:
+        raise UsageError("give a text query, --image PATH, or both")
+    searcher = open_searcher(args.index, args.model)
+    try:
+        results = searcher.search(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
+                                  add=args.add or (), subtract=args.subtract or ())
+    except ImageLoadError as e:
+        raise UsageError(str(e)) from e
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if args.json:
+        print(json.dumps([{"path": r.path, "score": round(r.score, 6)} for r in results]))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  path")
+        for i, r in enumerate(results, 1):
+            print(f"{i:>4}  {r.score:7.4f}  {r.path}")
+    if args.grid:
+        save_grid(results, args.grid, title=args.query or "")
+        if not args.json:
+            print(f"grid written to {args.grid}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, images=args.images, epochs=args.epochs, model=args.model)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="feature cache (default ~/.cache/dualsearch or $DUALSEARCH_CACHE)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
@@ -208,6 +278,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     add_runtime_args(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("index", help="embed a folder of images into a searchable index (incremental)")
+    p.add_argument("images_dir")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, metavar="INDEX")
+    p.add_argument("--ann", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching files (repeatable)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--commit-every", type=int, default=256, help="images per catalog transaction")
+    p.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 179M, as Pillow)")
+    p.add_argument("--memory-budget", type=float, default=8.0, help="GB the ANN index may use (for --ann auto)")
+    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="search an index with text, an image, or both")
+    p.add_argument("index")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
+    p.add_argument("--image", metavar="PATH", help="query image (more like this)")
+    p.add_argument("--image-weight", type=float, default=1.0, help="weight of --image against the text")
+    p.add_argument("--add", action="append", metavar="TEXT", help="extra text to pull results toward")
+    p.add_argument("--subtract", action="append", metavar="TEXT", help="text to push results away from")
+    p.add_argument("--model", help="model folder (default: the one recorded in the index)")
+    p.add_argument("--json", action="store_true", help='print [{"path": .., "score": ..}, ...]')
+    p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("demo", help="generate data, train, evaluate, index and search: the whole path")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--images", type=int, default=1200, help="generated training images")
+    p.add_argument("--epochs", type=int, default=None, help="cap the training epochs")
+    p.add_argument("--model", help="use this model folder instead of training one")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,181 @@
+"""Embed a folder of images into an index folder, incrementally.
+
+INDEX/
+  catalog.sqlite   files, statuses, vectors (source of truth; committed in batches)
+  vectors.faiss    the ANN index built from the catalog (rebuilt when the catalog changed)
+  manifest.json    model (path + content hash), dimension, metric, count, ANN kind and parameters
+Re-running embeds only new and changed files and drops deleted ones; a run killed at any point
+resumes from the last committed batch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data.captions import list_images
+from ..model.dual_encoder import DualEncoder, model_content_hash
+from ..train.features import image_loader
+from . import ann
+from .catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+ANN_FILE = "vectors.faiss"
+MANIFEST_VERSION = 1
+
+
+class IndexError_(ValueError):
+    """An index folder that cannot be used as asked (name avoids the builtin)."""
+
+
+@dataclass
+class IndexReport:
+    found: int = 0
+    added: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    embed_seconds: float = 0.0
+    kind: str = ""
+    count: int = 0
+
+    def summary(self) -> str:
+        reasons = Counter(r.split(" (")[0] for _, r in self.skipped)
+        skipped = f"{len(self.skipped)} skipped" + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})"
+                                                    if reasons else "")
+        rate = self.added / self.embed_seconds if self.embed_seconds else 0.0
+        return (f"{self.found} images found: {self.added} embedded ({rate:.1f} img/s), {self.unchanged} unchanged, "
+                f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise IndexError_(f"{path}: damaged manifest ({e})") from e
+
+
+def _write_manifest(folder: Path, doc: dict) -> None:
+    tmp = folder / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def _check_model(catalog: Catalog, model_hash: str, model_path: str) -> None:
+    recorded = catalog.get_meta("model_hash")
+    if recorded and recorded != model_hash:
+        raise IndexError_(f"{catalog.path.parent}: built with another model ({catalog.get_meta('model_path')}, "
+                          f"hash {recorded}); index into a new folder, or pass that model")
+    if not recorded:
+        with catalog.db:
+            catalog.set_meta("model_hash", model_hash)
+            catalog.set_meta("model_path", model_path)
+
+
+def plan(catalog: Catalog, files: Sequence[Path]) -> tuple[list[tuple[str, int, int]], int, list[str]]:
+    """-> (files to embed as (path, size, mtime_ns), unchanged count, catalog paths gone from disk)."""
+    known = catalog.stats()
+    todo, unchanged, seen = [], 0, set()
+    for p in files:
+        path = os.path.abspath(p)
+        seen.add(path)
+        try:
+            st = p.stat()
+        except OSError:  # a dangling link, a file gone since listing: the loader reports the reason
+            todo.append((path, -1, 0))
+            continue
+        if known.get(path) == (st.st_size, st.st_mtime_ns):
+            unchanged += 1
+        else:
+            todo.append((path, st.st_size, st.st_mtime_ns))
+    gone = [p for p in known if p not in seen]
+    return todo, unchanged, gone
+
+
+def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, out: str | os.PathLike,
+                kind: str = "auto", exclude: Sequence[str] = (), batch_size: int = 64,
+                num_workers: int | None = None, commit_every: int = 256, memory_budget: float = 8e9,
+                device: str = "cpu", progress: bool = True, max_pixels: int | None = None) -> IndexReport:
+    """Index every image below ``images_dir`` into ``out`` (see the module docstring)."""
+    if kind not in ann.KINDS:
+        raise IndexError_(f"unknown --ann {kind!r}: choose one of {', '.join(ann.KINDS)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    model_path = str(Path(model_path).resolve())
+    model = DualEncoder.load(model_path, device=device)
+    model_hash = model_content_hash(model_path)
+    catalog = Catalog(out, create=True)
+    try:
+        _check_model(catalog, model_hash, model_path)
+        files = list_images(images_dir, exclude)
+        todo, unchanged, gone = plan(catalog, files)
+        report = IndexReport(found=len(files), unchanged=unchanged, removed=catalog.remove(gone))
+        embed_files(model, catalog, todo, report, batch_size, num_workers, commit_every, progress, max_pixels)
+        report.seconds = time.perf_counter() - t0
+        report.skipped = [(p, r) for p, r in catalog.skipped()]
+        finish(catalog, out, model, model_path, model_hash, kind, memory_budget, report)
+    finally:
+        catalog.close()
+    return report
+
+
+def embed_files(model: DualEncoder, catalog: Catalog, todo: list[tuple[str, int, int]], report: IndexReport,
+                batch_size: int, num_workers: int | None, commit_every: int, progress: bool,
+                max_pixels: int | None = None) -> None:
+    """Embed ``todo`` in batches, committing every ``commit_every`` files."""
+    if not todo:
+        return
+    loader = image_loader([t[0] for t in todo], model.image_tower, batch_size, num_workers, max_pixels)
+    good, bad = [], []
+    t0 = time.perf_counter()
+    with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
+        for idx, pixels, failed in loader:
+            if pixels is not None:
+                vecs = model.embed_pixels(pixels)
+                good += [(*todo[i], v) for i, v in zip(idx, vecs)]
+            bad += [(*todo[i], reason) for i, reason in failed]
+            if len(good) + len(bad) >= commit_every:
+                catalog.write_batch(good, bad)
+                report.added += len(good)
+                good, bad = [], []
+            bar.update(len(idx) + len(failed))
+    catalog.write_batch(good, bad)
+    report.added += len(good)
+    report.embed_seconds = time.perf_counter() - t0
+    log.info("embedded %d images in %.1f s", len(todo), report.embed_seconds)
+
+
+def finish(catalog: Catalog, out: Path, model: DualEncoder, model_path: str, model_hash: str, kind: str,
+           memory_budget: float, report: IndexReport) -> None:
+    """(Re)build the ANN index when the catalog changed since it was last built, and the manifest."""
+    dim = model.config.embed_dim
+    manifest = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
+    stale = (manifest is None or manifest.get("generation") != catalog.generation
+             or not (out / ANN_FILE).is_file() or (kind != "auto" and manifest["ann"]["kind"] != kind))
+    if not stale:
+        report.kind, report.count = manifest["ann"]["kind"], manifest["count"]
+        return
+    ids, vecs = catalog.vectors(dim)
+    built = ann.build(vecs, ids, kind, memory_budget)
+    ann.write(built.index, out / ANN_FILE)
+    _write_manifest(out, {
+        "format_version": MANIFEST_VERSION, "model": {"path": model_path, "hash": model_hash},
+        "dim": dim, "metric": "inner_product", "count": int(len(ids)), "generation": catalog.generation,
+        "ann": {"kind": built.kind, "params": built.params, "tuned_recall_at_10": round(built.recall, 4)},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    report.kind, report.count = built.kind, int(len(ids))

@@ -1,0 +1,157 @@
+"""Searcher: text, image and combined queries over an index folder; shared by CLI and server.
+
+    from dualsearch.search import Searcher
+    s = Searcher.open("my-index")
+    for r in s.search("a dog on the beach", k=9):
+        print(r.score, r.path)
+
+A combined query adds weighted unit embeddings (texts and images) and subtracts negative terms,
+as rclip does, then searches with the normalised sum.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .data.images import load_image
+from .index import ann
+from .index.build import ANN_FILE, IndexError_, read_manifest
+from .index.catalog import Catalog
+from .model.dual_encoder import DualEncoder, ModelError, model_content_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    path: str
+    score: float
+    id: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Searcher:
+    def __init__(self, folder: Path, manifest: dict, model: DualEncoder, index, catalog: Catalog):
+        self.folder = folder
+        self.manifest = manifest
+        self.model = model
+        self.index = index
+        self.catalog = catalog
+        self.dim = int(manifest["dim"])
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None) -> "Searcher":
+        """Open an index; the model comes from its manifest unless ``model`` is given, and must be
+        the one the index was built with (content hash)."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise IndexError_(f"{folder}: not a dualsearch index (no manifest.json)")
+        model_path = Path(model) if model else Path(manifest["model"]["path"])
+        try:
+            got = model_content_hash(model_path)
+        except OSError as e:
+            raise IndexError_(f"{folder}: its model {model_path} cannot be read ({e.strerror or e})") from e
+        if got != manifest["model"]["hash"]:
+            raise IndexError_(f"{folder}: built with model hash {manifest['model']['hash']}, but {model_path} "
+                              f"has hash {got}; re-index with this model or open the index with its own")
+        dual = DualEncoder.load(model_path)
+        index = ann.read(folder / ANN_FILE, manifest["ann"].get("params"))
+        if index.d != manifest["dim"] or dual.config.embed_dim != manifest["dim"]:
+            raise IndexError_(f"{folder}: dimension mismatch between index ({index.d}) and model "
+                              f"({dual.config.embed_dim})")
+        return cls(folder, manifest, dual, index, Catalog(folder))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    # ------------------------------------------------------------------ query vectors
+    def text_vector(self, text: str) -> np.ndarray:
+        return self.model.embed_texts([text])[0]
+
+    def image_vector(self, image) -> np.ndarray:
+        """``image``: a path, bytes, or a PIL image."""
+        from PIL import Image
+
+        img = image if isinstance(image, Image.Image) else load_image(image, self.model.image_tower.image_size)
+        return self.model.embed_images([img])[0]
+
+    def id_vector(self, vector_id: int) -> np.ndarray:
+        v = self.catalog.vector_for(vector_id, self.dim)
+        if v is None:
+            raise KeyError(vector_id)
+        return v
+
+    def combine(self, texts: Sequence[tuple[str, float]] = (), images: Sequence[tuple[object, float]] = (),
+                vectors: Sequence[tuple[np.ndarray, float]] = ()) -> np.ndarray:
+        """Weighted sum of unit query embeddings (negative weights push results away), normalised."""
+        parts = [w * self.text_vector(t) for t, w in texts]
+        parts += [w * self.image_vector(i) for i, w in images]
+        parts += [w * v for v, w in vectors]
+        if not parts:
+            raise ValueError("empty query: give text, an image, or both")
+        q = np.sum(parts, axis=0).astype(np.float32)
+        norm = np.linalg.norm(q)
+        if norm < 1e-8:
+            raise ValueError("the query terms cancel out")
+        return q / norm
+
+    # ------------------------------------------------------------------ search
+    def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = ()) -> list[Result]:
+        k = max(1, int(k))
+        scores, ids = self.index.search(q.reshape(1, -1).astype(np.float32), k + len(exclude))
+        paths = self.catalog.paths_for(ids[0])
+        out = [Result(paths[i], float(s), int(i)) for s, i in zip(scores[0], ids[0])
+               if i >= 0 and i in paths and i not in set(exclude)]
+        return out[:k]
+
+    def search(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
+               add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None) -> list[Result]:
+        """Text and/or image query, plus extra positive (``add``) and negative (``subtract``) texts."""
+        texts = ([(text, 1.0)] if text else []) + [(t, 1.0) for t in add] + [(t, -1.0) for t in subtract]
+        images = [(image, image_weight)] if image is not None else []
+        vectors = [(self.id_vector(like_id), 1.0)] if like_id is not None else []
+        q = self.combine(texts, images, vectors)
+        return self.search_vector(q, k, exclude=[like_id] if like_id is not None else [])
+
+    def close(self) -> None:
+        self.catalog.close()
+
+
+def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = "", cols: int = 3,
+              thumb: int = 256) -> Path:
+    """The reference's figure: the top results in a grid, each with its rank and score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(results))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 3.2 + (0.4 if title else 0)), dpi=100)
+    axes = np.atleast_1d(axes).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (rank, r) in zip(axes, enumerate(results, 1)):
+        try:
+            img = load_image(r.path, target_size=thumb)
+            img.thumbnail((thumb, thumb))
+            ax.imshow(img)
+        except Exception as e:  # a file that changed since indexing: say so in the cell
+            ax.text(0.5, 0.5, f"unreadable:\n{e}", ha="center", va="center", fontsize=7, wrap=True)
+        ax.set_title(f"#{rank}  {r.score:.3f}\n{Path(r.path).name}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,10 +1,10 @@
 """Held-out retrieval quality: `--recipe seed` (the reference) against the default recipe.
 
-    python bench/quality.py                       # generated shapes: 3000 train / 500 held-out
+    python bench/quality.py                       # generated shapes: 3000 train / 2000 held-out
     python bench/quality.py --captions F --images DIR [--val-fraction 0.1]   # any other data set
 
 Both recipes train on the same images with the same tower features (cached once), and are
-evaluated on held-out images from another seed: text->image Recall@1/5/10 and top-100 accuracy.
+evaluated on 2,000 held-out images from another seed (R@5 on 500 is saturated near 100 % for both): text->image Recall@1/5/10 and top-100 accuracy.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def run(name: str, train, val, test, cache, epochs):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-images", type=int, default=3000)
-    ap.add_argument("--test-images", type=int, default=500)
+    ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--captions")
     ap.add_argument("--images")
     ap.add_argument("--val-fraction", type=float, default=0.1)

@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "DUALSEARCH_CACHE" not in os.environ:  # keep the tests' ONNX exports and features out of ~/.cache
+    import tempfile
+
+    os.environ["DUALSEARCH_CACHE"] = tempfile.mkdtemp(prefix="dualsearch-test-cache-")
 
 import pytest
 

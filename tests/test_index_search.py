@@ -97,13 +97,13 @@ def test_incremental_add_modify_delete(tmp_path, collection, tiny_model):
 
 def test_resume_after_sigkill(tmp_path, collection, tiny_model):
     originals = sorted(collection.glob("*.jpg"))
-    for i in range(3):  # a few more files so the run lasts a while
+    for i in range(8):  # more files so that the run lasts a while
         for p in originals:
             shutil.copy(p, collection / f"copy{i}_{p.name}")
-    total = 24 + 3 * len(originals)
+    total = 24 + 8 * len(originals)
     out, ref = tmp_path / "idx", tmp_path / "ref"
     cmd = [sys.executable, "-m", "dualsearch.cli", "-q", "index", str(collection), "--model", str(tiny_model),
-           "--out", str(out), "--workers", "0", "--batch-size", "4", "--commit-every", "8"]
+           "--out", str(out), "--workers", "0", "--batch-size", "4", "--commit-every", "8", "--engine", "torch"]
     env = dict(os.environ)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cat_path = out / "catalog.sqlite"

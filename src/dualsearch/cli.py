@@ -152,7 +152,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     try:
         report = build_index(args.images_dir, args.model, args.out, kind=args.ann, exclude=args.exclude or (),
                              batch_size=args.batch_size, num_workers=args.workers,
-                             commit_every=args.commit_every, max_pixels=args.max_pixels, memory_budget=args.memory_budget * 1e9)
+                             commit_every=args.commit_every, max_pixels=args.max_pixels, engine=args.engine,
+                             memory_budget=args.memory_budget * 1e9)
     except (DataError, IndexError_, CatalogError, ModelError, TowerError, ANNError) as e:
         raise UsageError(str(e)) from e
     print(report.summary())
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching files (repeatable)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--commit-every", type=int, default=256, help="images per catalog transaction")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
+                   help="image encoder runtime (auto: ONNX Runtime on CPU, torch on GPU)")
     p.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 179M, as Pillow)")
     p.add_argument("--memory-budget", type=float, default=8.0, help="GB the ANN index may use (for --ann auto)")
     p.add_argument("--workers", type=int, help="image decoding worker processes")

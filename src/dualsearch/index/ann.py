@@ -107,7 +107,10 @@ def tune(index: faiss.Index, kind: str, vectors: np.ndarray, ids: np.ndarray, ta
         return {}, 1.0
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(vectors), size=min(n_queries, len(vectors)), replace=False)
-    q = vectors[pick] + rng.normal(scale=0.1, size=(len(pick), vectors.shape[1])).astype(np.float32)
+    dim = vectors.shape[1]
+    # queries near, not at, stored vectors: noise of norm ~0.5 (text queries sit about that far
+    # from the images they match)
+    q = vectors[pick] + rng.normal(scale=0.5 / np.sqrt(dim), size=(len(pick), dim)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     exact = faiss.IndexFlatIP(vectors.shape[1])
     exact.add(vectors)

@@ -47,6 +47,7 @@ class IndexReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     embed_seconds: float = 0.0
+    engine: str = ""
     kind: str = ""
     count: int = 0
 
@@ -55,7 +56,8 @@ class IndexReport:
         skipped = f"{len(self.skipped)} skipped" + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})"
                                                     if reasons else "")
         rate = self.added / self.embed_seconds if self.embed_seconds else 0.0
-        return (f"{self.found} images found: {self.added} embedded ({rate:.1f} img/s), {self.unchanged} unchanged, "
+        engine = f", {self.engine}" if self.engine else ""
+        return (f"{self.found} images found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
                 f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
 
 
@@ -109,7 +111,8 @@ def plan(catalog: Catalog, files: Sequence[Path]) -> tuple[list[tuple[str, int, 
 def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, out: str | os.PathLike,
                 kind: str = "auto", exclude: Sequence[str] = (), batch_size: int = 64,
                 num_workers: int | None = None, commit_every: int = 256, memory_budget: float = 8e9,
-                device: str = "cpu", progress: bool = True, max_pixels: int | None = None) -> IndexReport:
+                device: str = "cpu", progress: bool = True, max_pixels: int | None = None,
+                engine: str = "auto") -> IndexReport:
     """Index every image below ``images_dir`` into ``out`` (see the module docstring)."""
     if kind not in ann.KINDS:
         raise IndexError_(f"unknown --ann {kind!r}: choose one of {', '.join(ann.KINDS)}")
@@ -124,7 +127,8 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
         files = list_images(images_dir, exclude)
         todo, unchanged, gone = plan(catalog, files)
         report = IndexReport(found=len(files), unchanged=unchanged, removed=catalog.remove(gone))
-        embed_files(model, catalog, todo, report, batch_size, num_workers, commit_every, progress, max_pixels)
+        embed_files(model, catalog, todo, report, batch_size, num_workers, commit_every, progress, max_pixels,
+                    engine)
         report.seconds = time.perf_counter() - t0
         report.skipped = [(p, r) for p, r in catalog.skipped()]
         finish(catalog, out, model, model_path, model_hash, kind, memory_budget, report)
@@ -135,17 +139,21 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
 
 def embed_files(model: DualEncoder, catalog: Catalog, todo: list[tuple[str, int, int]], report: IndexReport,
                 batch_size: int, num_workers: int | None, commit_every: int, progress: bool,
-                max_pixels: int | None = None) -> None:
+                max_pixels: int | None = None, engine: str = "auto") -> None:
     """Embed ``todo`` in batches, committing every ``commit_every`` files."""
     if not todo:
         return
+    from ..engine import NormalizedImageEncoder, image_forward
+
+    forward, used = image_forward(NormalizedImageEncoder(model), f"encoder-{model_content_hash(model.folder)}",
+                                  model.image_tower.image_size, engine, str(model.device))
     loader = image_loader([t[0] for t in todo], model.image_tower, batch_size, num_workers, max_pixels)
     good, bad = [], []
     t0 = time.perf_counter()
     with tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress) as bar:
         for idx, pixels, failed in loader:
             if pixels is not None:
-                vecs = model.embed_pixels(pixels)
+                vecs = forward(pixels)
                 good += [(*todo[i], v) for i, v in zip(idx, vecs)]
             bad += [(*todo[i], reason) for i, reason in failed]
             if len(good) + len(bad) >= commit_every:
@@ -156,7 +164,8 @@ def embed_files(model: DualEncoder, catalog: Catalog, todo: list[tuple[str, int,
     catalog.write_batch(good, bad)
     report.added += len(good)
     report.embed_seconds = time.perf_counter() - t0
-    log.info("embedded %d images in %.1f s", len(todo), report.embed_seconds)
+    report.engine = used
+    log.info("embedded %d images in %.1f s (%s)", len(todo), report.embed_seconds, used)
 
 
 def finish(catalog: Catalog, out: Path, model: DualEncoder, model_path: str, model_hash: str, kind: str,

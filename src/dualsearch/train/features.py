@@ -120,8 +120,8 @@ def text_key(text: str) -> str:
 @torch.inference_mode()
 def compute_image_features(tower: ImageTower, refs: Sequence[ImageRef], cache: FeatureCache | None = None,
                            batch_size: int = 64, num_workers: int | None = None, device: str = "cpu",
-                           skipped: SkipLog | None = None, desc: str = "image features"
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           skipped: SkipLog | None = None, desc: str = "image features",
+                           engine: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Tower features for ``refs`` -> (features ``[N, F]`` float32, ok mask ``[N]``).
 
     Bad images get a zero row, ``ok=False`` and an entry in ``skipped``."""
@@ -138,7 +138,10 @@ def compute_image_features(tower: ImageTower, refs: Sequence[ImageRef], cache: F
         log.info("%s: %d cached, %d to compute", desc, len(refs) - len(todo), len(todo))
     if not todo:
         return feats, ok
-    tower.eval().to(device)
+    from ..engine import image_forward
+
+    onnx_dir = cache.path.parent.parent if cache else None
+    forward, used = image_forward(tower, tower.fingerprint(), tower.image_size, engine, device, onnx_dir)
     loader = image_loader([refs[i] for i in todo], tower, batch_size, num_workers)
     t0 = time.perf_counter()
     with tqdm(total=len(todo), desc=desc, unit="img") as bar:
@@ -147,14 +150,13 @@ def compute_image_features(tower: ImageTower, refs: Sequence[ImageRef], cache: F
                 if skipped is not None:
                     skipped.add(refs[todo[j]].name, reason)
             if pixels is not None:
-                pixels = pixels.to(device).contiguous(memory_format=torch.channels_last)
-                out = tower(pixels).float().cpu().numpy()
+                out = forward(pixels)
                 rows = [todo[j] for j in idx]
                 feats[rows], ok[rows] = out, True
                 if cache:
                     cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
             bar.update(len(idx) + len(bad))
-    log.info("%s: %d images in %.1f s", desc, len(todo), time.perf_counter() - t0)
+    log.info("%s: %d images in %.1f s (%s)", desc, len(todo), time.perf_counter() - t0, used)
     return feats, ok
 
 

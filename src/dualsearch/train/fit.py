@@ -145,6 +145,10 @@ class RawCollate:
 def _lightning():
     import lightning.pytorch as pl  # imported here: it takes seconds
 
+    # Lightning sets its loggers to INFO on import; keep its tips and banners out of our output
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     return pl
 
 
@@ -330,6 +334,7 @@ def write_history(history: list[dict], folder: Path) -> None:
         w.writeheader()
         w.writerows(history)
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,6 +344,7 @@ def write_history(history: list[dict], folder: Path) -> None:
     ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
     if any(np.isfinite(r["val_loss"]) for r in history):
         ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="valid")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title("training loss")

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv clean chromium
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,7 +22,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dualsearch demo --out demo-out
 
-test: $(STAMP)
+# Debian's Chromium + ChromeDriver for the browser test (a test tool's own browser download fails here)
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
+	    echo "warning: could not install chromium; the browser test will be skipped"; }
+
+test: $(STAMP) chromium
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)

@@ -205,6 +205,13 @@ def cmd_search(args: argparse.Namespace) -> None:
             print(f"grid written to {args.grid}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server.app import serve
+
+    open_searcher(args.index).close()  # a clear error before the server starts
+    serve(args.index, host=args.host, port=args.port, cors_origins=args.cors_origin, max_k=args.max_k)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -307,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print [{"path": .., "score": ..}, ...]')
     p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve an index as a search page and JSON API")
+    p.add_argument("index")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this origin (repeatable)")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="generate data, train, evaluate, index and search: the whole path")
     p.add_argument("--out", default="demo-out")

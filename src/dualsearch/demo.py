@@ -83,5 +83,6 @@ def run_demo(out: str | Path = "demo-out", images: int = 1200, epochs: int | Non
     (out / "queries.txt").write_text("\n".join(lines) + "\n")
     step(f"done. Everything is in {out}/: model/loss.png, eval.txt, grids/*.png, index/")
     print(f"\nsearch it yourself:\n  dualsearch search {out / 'index'} \"a green circle above a red square\" "
-          f"--grid /tmp/grid.png")
+          f"--grid /tmp/grid.png\nserve the search page (http://127.0.0.1:8765/):\n"
+          f"  dualsearch serve {out / 'index'}")
     return out

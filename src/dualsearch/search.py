@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +46,7 @@ class Searcher:
         self.index = index
         self.catalog = catalog
         self.dim = int(manifest["dim"])
+        self.lock = threading.RLock()  # one query at a time: SQLite connection, torch model
 
     @classmethod
     def open(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None) -> "Searcher":
@@ -114,7 +116,16 @@ class Searcher:
 
     def search(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
                add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None) -> list[Result]:
-        """Text and/or image query, plus extra positive (``add``) and negative (``subtract``) texts."""
+        """Text and/or image query, plus extra positive (``add``) and negative (``subtract``) texts,
+        and/or an indexed image's id (more like this). Safe to call from several threads."""
+        with self.lock:
+            return self._search(text, k, image, image_weight, add, subtract, like_id)
+
+    def path_for(self, vector_id: int) -> str | None:
+        with self.lock:
+            return self.catalog.path_for(vector_id)
+
+    def _search(self, text, k, image, image_weight, add, subtract, like_id) -> list[Result]:
         texts = ([(text, 1.0)] if text else []) + [(t, 1.0) for t in add] + [(t, -1.0) for t in subtract]
         images = [(image, image_weight)] if image is not None else []
         vectors = [(self.id_vector(like_id), 1.0)] if like_id is not None else []

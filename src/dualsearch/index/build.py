@@ -131,7 +131,40 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
                     engine)
         report.seconds = time.perf_counter() - t0
         report.skipped = [(p, r) for p, r in catalog.skipped()]
+        with catalog.db:
+            catalog.set_meta("images_root", os.path.abspath(images_dir))
         finish(catalog, out, model, model_path, model_hash, kind, memory_budget, report)
+    finally:
+        catalog.close()
+    return report
+
+
+def index_vectors(out: str | os.PathLike, model_path: str | os.PathLike, paths: Sequence[str],
+                  vectors: np.ndarray, kind: str = "auto", memory_budget: float = 8e9,
+                  images_root: str | None = None, batch: int = 50_000) -> IndexReport:
+    """Build an index from vectors computed elsewhere (one unit vector per path), recorded with the
+    model that will embed queries. Paths already in the index are replaced."""
+    if kind not in ann.KINDS:
+        raise IndexError_(f"unknown --ann {kind!r}: choose one of {', '.join(ann.KINDS)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    model_path = str(Path(model_path).resolve())
+    model = DualEncoder.load(model_path)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != model.config.embed_dim or len(vectors) != len(paths):
+        raise IndexError_(f"expected {len(paths)} vectors of dimension {model.config.embed_dim}, got "
+                          f"shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors / np.maximum(norms, 1e-12)
+    catalog = Catalog(out, create=True)
+    try:
+        _check_model(catalog, model_content_hash(model_path), model_path)
+        for s in range(0, len(paths), batch):
+            catalog.write_batch([(p, 0, 0, v) for p, v in zip(paths[s:s + batch], vectors[s:s + batch])], [])
+        with catalog.db:
+            catalog.set_meta("images_root", os.path.abspath(images_root) if images_root else "")
+        report = IndexReport(found=len(paths), added=len(paths), seconds=time.perf_counter() - t0)
+        finish(catalog, out, model, model_path, model_content_hash(model_path), kind, memory_budget, report)
     finally:
         catalog.close()
     return report
@@ -184,6 +217,7 @@ def finish(catalog: Catalog, out: Path, model: DualEncoder, model_path: str, mod
     _write_manifest(out, {
         "format_version": MANIFEST_VERSION, "model": {"path": model_path, "hash": model_hash},
         "dim": dim, "metric": "inner_product", "count": int(len(ids)), "generation": catalog.generation,
+        "images_root": catalog.get_meta("images_root"),
         "ann": {"kind": built.kind, "params": built.params, "tuned_recall_at_10": round(built.recall, 4)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })

@@ -29,7 +29,8 @@ class Catalog:
             raise CatalogError(f"{folder}: not a dualsearch index (no {CATALOG_FILE})")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, timeout=60)
+            # one connection shared by a server's threads: callers serialise access (Searcher's lock)
+            self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._init_schema()
@@ -135,6 +136,11 @@ class Catalog:
 
     def id_for_path(self, path: str) -> int | None:
         row = self.db.execute("SELECT vector_id FROM files WHERE path = ? AND status = 'indexed'", (path,)).fetchone()
+        return row[0] if row else None
+
+    def path_for(self, vector_id: int) -> str | None:
+        row = self.db.execute("SELECT path FROM files WHERE vector_id = ? AND status = 'indexed'",
+                              (int(vector_id),)).fetchone()
         return row[0] if row else None
 
     def close(self) -> None:

@@ -209,16 +209,8 @@ class HFImageTower(ImageTower):
         self.resize = "crop" if (do_crop or do_crop is None) else "squash"
 
     def blocks(self) -> Sequence[nn.Module]:
-        for attr in ("encoder.layer", "encoder.layers", "vision_model.encoder.layers", "encoder.stages",
-                     "encoder.stages"):
-            obj = self.model
-            try:
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
-                return list(obj)
-            except AttributeError:
-                continue
-        return [self.model]
+        return _find_blocks(self.model, ("encoder.layer", "encoder.layers", "vision_model.encoder.layers",
+                                         "encoder.stages"))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.use_features:
@@ -229,6 +221,20 @@ class HFImageTower(ImageTower):
         if pooled is not None:
             return _flatten_pool(pooled)
         return out.last_hidden_state[:, 0]
+
+
+def _find_blocks(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
+    """The first of ``paths`` (dotted attributes) that exists on ``model``, as a list of blocks;
+    the whole model where none does."""
+    for path in paths:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return list(obj)
+        except (AttributeError, TypeError):
+            continue
+    return [model]
 
 
 def _side(size) -> int | None:
@@ -318,15 +324,7 @@ class TextTower(Tower):
                                    return_tensors="pt"))
 
     def blocks(self) -> Sequence[nn.Module]:
-        for path in ("encoder.layer", "text_model.encoder.layers", "layers", "h"):
-            obj = self.model
-            try:
-                for part in path.split("."):
-                    obj = getattr(obj, part)
-                return list(obj)
-            except AttributeError:
-                continue
-        return [self.model]
+        return _find_blocks(self.model, ("encoder.layer", "text_model.encoder.layers", "layers", "h"))
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.pooling == "features":

@@ -117,6 +117,20 @@ def text_key(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- computing features
+def _fill_from_cache(cache: FeatureCache | None, keys: Sequence[str], feats: np.ndarray, n: int) -> list[int]:
+    """Copy cached rows into ``feats``; return the indices still to compute."""
+    if cache is None:
+        return list(range(n))
+    found = cache.get_many(keys)
+    todo = []
+    for i, k in enumerate(keys):
+        if k in found:
+            feats[i] = found[k]
+        else:
+            todo.append(i)
+    return todo
+
+
 @torch.inference_mode()
 def compute_image_features(tower: ImageTower, refs: Sequence[ImageRef], cache: FeatureCache | None = None,
                            batch_size: int = 64, num_workers: int | None = None, device: str = "cpu",
@@ -126,15 +140,11 @@ def compute_image_features(tower: ImageTower, refs: Sequence[ImageRef], cache: F
 
     Bad images get a zero row, ``ok=False`` and an entry in ``skipped``."""
     feats = np.zeros((len(refs), tower.output_dim), dtype=np.float32)
-    ok = np.zeros(len(refs), dtype=bool)
     keys = [image_key(r) for r in refs] if cache else []
-    todo = list(range(len(refs)))
+    todo = _fill_from_cache(cache, keys, feats, len(refs))
+    ok = np.ones(len(refs), dtype=bool)
+    ok[todo] = False
     if cache:
-        found = cache.get_many(keys)
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        for i, k in enumerate(keys):
-            if k in found:
-                feats[i], ok[i] = found[k], True
         log.info("%s: %d cached, %d to compute", desc, len(refs) - len(todo), len(todo))
     if not todo:
         return feats, ok
@@ -166,13 +176,7 @@ def compute_text_features(tower: TextTower, texts: Sequence[str], cache: Feature
     """Tower features for ``texts`` -> ``[M, F]`` float32."""
     feats = np.zeros((len(texts), tower.output_dim), dtype=np.float32)
     keys = [text_key(t) for t in texts] if cache else []
-    todo = list(range(len(texts)))
-    if cache:
-        found = cache.get_many(keys)
-        todo = [i for i, k in enumerate(keys) if k not in found]
-        for i, k in enumerate(keys):
-            if k in found:
-                feats[i] = found[k]
+    todo = _fill_from_cache(cache, keys, feats, len(texts))
     if not todo:
         return feats
     tower.eval().to(device)

@@ -294,6 +294,9 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     device = "cuda" if on_gpu else "cpu"
     train_dl, val_dl = build_loaders(model, tcfg, train, val, cached, cache_dir if use_cache else None,
                                      device, num_workers)
+    # computing features draws from the global RNG (DataLoader seeds): seed again so that both
+    # paths start training from the same random state (same dropout masks, same batches)
+    pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     module = make_module(model, tcfg, cached)
     module.monitor = "val_loss" if val_dl is not None else "train_loss"
     history: list[dict] = []

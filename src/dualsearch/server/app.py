@@ -1,0 +1,161 @@
+"""The HTTP API and search page (FastAPI). One `Searcher`, loaded once, shared by all requests.
+
+Images are served only by their opaque id (the catalog's vector id); a request can never name a
+file path. A catalog path that resolves outside the indexed collection (a symlink out of it) is
+answered 404 too.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import mimetypes
+import os
+from pathlib import Path
+
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from ..data.images import ImageLoadError, load_image
+from ..search import Result, Searcher
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+THUMB_SIZE = 256
+
+
+class Hit(BaseModel):
+    id: int
+    score: float
+    name: str
+    thumb: str
+    image: str
+
+
+class SearchResponse(BaseModel):
+    query: str
+    results: list[Hit]
+
+
+class CombinedQuery(BaseModel):
+    q: str | None = Field(None, description="text query")
+    add: list[str] = Field(default_factory=list, description="texts that pull results toward them")
+    subtract: list[str] = Field(default_factory=list, description="texts that push results away")
+    like_id: int | None = Field(None, description="an indexed image's id (more like this)")
+    k: int = Field(9, ge=1)
+
+
+def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 * 2**20,
+               cors_origins: list[str] | None = None) -> FastAPI:
+    app = FastAPI(title="dualsearch", description="Natural-language image search over one index.",
+                  version="1")
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
+    root = os.path.realpath(searcher.manifest.get("images_root") or "/nonexistent")
+    thumbs = searcher.folder / "thumbs"
+
+    def hits(results: list[Result]) -> list[Hit]:
+        return [Hit(id=r.id, score=round(r.score, 6), name=Path(r.path).name, thumb=f"/thumb/{r.id}",
+                    image=f"/image/{r.id}") for r in results]
+
+    def check_k(k: int) -> int:
+        if k > max_k:
+            raise HTTPException(422, f"k is at most {max_k}")
+        return k
+
+    def safe_path(image_id: str) -> str:
+        """The file for an id, or 404: unknown id, not a number, gone, or outside the collection."""
+        if not image_id.isdigit():
+            raise HTTPException(404, "no such image")
+        path = searcher.path_for(int(image_id))
+        if path is None:
+            raise HTTPException(404, "no such image")
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
+            raise HTTPException(404, "no such image")
+        return real
+
+    @app.get("/health")
+    async def health() -> dict:  # on the event loop: answers while worker threads are busy searching
+        return {"status": "ok", "images": len(searcher)}
+
+    @app.get("/api/search", response_model=SearchResponse)
+    def search_text(q: str = Query(..., min_length=1, max_length=1000), k: int = Query(9, ge=1)):
+        return SearchResponse(query=q, results=hits(searcher.search(q, k=check_k(k))))
+
+    @app.post("/api/search", response_model=SearchResponse)
+    def search_combined(body: CombinedQuery):
+        check_k(body.k)
+        if body.like_id is not None and searcher.path_for(body.like_id) is None:
+            raise HTTPException(404, "no such image")
+        try:
+            res = searcher.search(body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=body.like_id)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        return SearchResponse(query=body.q or "", results=hits(res))
+
+    @app.post("/api/search/image", response_model=SearchResponse)
+    async def search_upload(file: UploadFile = File(...), k: int = Query(9, ge=1), q: str | None = None):
+        check_k(k)
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
+        try:
+            img = load_image(data, target_size=searcher.model.image_tower.image_size)
+        except ImageLoadError as e:
+            raise HTTPException(400, f"{file.filename}: {e.reason}") from e
+        return SearchResponse(query=q or "", results=hits(searcher.search(q, k=k, image=img)))
+
+    @app.get("/api/similar/{image_id}", response_model=SearchResponse)
+    def similar(image_id: str, k: int = Query(9, ge=1)):
+        safe_path(image_id)
+        return SearchResponse(query="", results=hits(searcher.search(k=check_k(k), like_id=int(image_id))))
+
+    @app.get("/image/{image_id}")
+    def image(image_id: str):
+        path = safe_path(image_id)
+        return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
+
+    @app.get("/thumb/{image_id}")
+    def thumb(image_id: str):
+        path = safe_path(image_id)
+        out = thumbs / f"{int(image_id)}.jpg"
+        if not out.is_file():
+            make_thumbnail(path, out)
+        return FileResponse(out, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+    @app.exception_handler(ImageLoadError)
+    def bad_image(_, exc: ImageLoadError):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.get("/")
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def make_thumbnail(path: str, out: Path, size: int = THUMB_SIZE) -> None:
+    """A JPEG thumbnail, made once (written to a temp name and renamed into place)."""
+    img = load_image(path, target_size=size)
+    img.thumbnail((size, size))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, out)
+
+
+def serve(index: str, host: str = "127.0.0.1", port: int = 8765, cors_origins: list[str] | None = None,
+          max_k: int = 100) -> None:
+    import uvicorn
+
+    searcher = Searcher.open(index)
+    app = create_app(searcher, max_k=max_k, cors_origins=cors_origins)
+    print(f"serving {index} ({len(searcher)} images) on http://{host}:{port}/", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

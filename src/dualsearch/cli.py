@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     init = None
     try:
         if args.init:
-            init = DualEncoder.load(args.init)
+            init = load_for_finetuning(args.init, args.image_trainable, args.text_trainable)
         result = fit(mcfg, tcfg, train, val, args.out, cache_dir=_cache_dir(args), use_cache=not args.no_cache,
                      accelerator=args.accelerator, devices=args.devices, num_workers=args.workers,
                      init_model=init, extra={"source": str(args.captions)})
@@ -117,6 +117,40 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{result.best_val_loss if result.best_val_loss is not None else float('nan'):.4f}")
     print(f"model written to {result.folder}")
     print(f"loss curve: {result.folder}/loss.png")
+
+
+def load_for_finetuning(folder: str, image_trainable: str | None, text_trainable: str | None):
+    """A saved model to start from. A CLIP-like (identity-head) model defaults to a locked image
+    tower (its features are cached) and its text tower's last 2 blocks trained."""
+    from dataclasses import replace
+
+    from .model.dual_encoder import DualEncoder
+
+    model = DualEncoder.load(folder)
+    if model.config.head == "identity" and not image_trainable and not text_trainable:
+        image_trainable, text_trainable = "frozen", "last:2"
+        log.info("fine-tuning %s: image tower frozen, last 2 text blocks trained (set --image-trainable / "
+                 "--text-trainable to change)", folder)
+    image_trainable = image_trainable or model.config.image_trainable
+    text_trainable = text_trainable or model.config.text_trainable
+    model.config = replace(model.config, image_trainable=image_trainable, text_trainable=text_trainable)
+    model.image_tower.set_trainable(image_trainable)
+    model.text_tower.set_trainable(text_trainable)
+    return model
+
+
+def cmd_model_import(args: argparse.Namespace) -> None:
+    from .model.dual_encoder import ModelError
+    from .model.hf_import import import_hf
+
+    try:
+        model = import_hf(args.source, args.out)
+    except ModelError as e:
+        raise UsageError(str(e)) from e
+    c = model.config
+    print(f"imported {args.source} into {args.out}: {c.embed_dim}-d embeddings, {c.loss} loss, "
+          f"temperature {c.temperature:.4g}")
+    print(f"next: dualsearch index PHOTOS --model {args.out} --out INDEX")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -185,6 +219,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if not args.query and not args.image and not args.add:
         raise UsageError("give a text query, --image PATH, or both")
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
     searcher = open_searcher(args.index, args.model)
     try:
         results = searcher.search(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
@@ -276,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="auto", help="number of devices (several GPUs use DDP)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("model", help="manage model folders")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("import", help="make a model folder from a pretrained CLIP / SigLIP (Hugging Face)")
+    p.add_argument("source", help="hf:<hub id or local folder>, e.g. hf:openai/clip-vit-base-patch32")
+    p.add_argument("--out", required=True, metavar="MODEL")
+    p.set_defaults(func=cmd_model_import)
 
     p = sub.add_parser("eval", help="Recall@K both ways and top-k accuracy")
     p.add_argument("--model", required=True)

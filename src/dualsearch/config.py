@@ -16,6 +16,7 @@ class ModelConfig:
     text_pooling: str = "auto"
     max_text_length: int = 64
     embed_dim: int = 256
+    head: str = "projection"  # projection (the reference's heads) | identity (towers already project: CLIP)
     head_layers: int = 1
     dropout: float = 0.1
     loss: str = "clip"  # seed (soft targets, fixed temperature) | clip (InfoNCE) | siglip

@@ -30,30 +30,39 @@ class EmbeddedSet:
 
 @torch.inference_mode()
 def apply_head(head: torch.nn.Module, feats: np.ndarray, device: str = "cpu", batch: int = 8192) -> np.ndarray:
+    """Head over tower features, L2-normalised. ``[N, F] -> [N, D]``"""
     head.eval()
+    if len(feats) == 0:
+        with torch.inference_mode():
+            dim = head(torch.zeros(1, feats.shape[1], device=device)).shape[1]
+        return np.zeros((0, dim), np.float32)
     out = []
     for s in range(0, len(feats), batch):
         x = torch.from_numpy(feats[s:s + batch]).to(device)
         out.append(F.normalize(head(x).float(), dim=-1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, head.project.out_features), np.float32)
+    return np.concatenate(out)
 
 
 def tower_features(model: DualEncoder, records: Sequence[ImageCaption], cache_dir: str | os.PathLike | None,
-                   device: str = "cpu", num_workers: int | None = None, batch_size: int = 64):
-    """-> (kept records, image features, caption features, caption owners, skipped)."""
+                   device: str = "cpu", num_workers: int | None = None, batch_size: int = 64,
+                   images: bool = True, texts: bool = True):
+    """-> (kept records, image features, caption features, caption owners, skipped); a side not
+    asked for (``images=False`` or ``texts=False``) is None (and images are then not decoded)."""
     img_cache, txt_cache = open_caches(model, cache_dir)
     skipped = SkipLog()
-    feats, ok = compute_image_features(model.image_tower, [r.image for r in records], img_cache,
-                                       batch_size=batch_size, num_workers=num_workers, device=device,
-                                       skipped=skipped)
-    kept = [r for r, good in zip(records, ok) if good]
-    texts, owner = flatten_captions(kept)
-    text_feats = compute_text_features(model.text_tower, texts, txt_cache, device=device)
+    kept, img_f = list(records), None
+    if images:
+        feats, ok = compute_image_features(model.image_tower, [r.image for r in records], img_cache,
+                                           batch_size=batch_size, num_workers=num_workers, device=device,
+                                           skipped=skipped)
+        kept, img_f = [r for r, good in zip(records, ok) if good], feats[ok]
+    captions, owner = flatten_captions(kept)
+    text_f = compute_text_features(model.text_tower, captions, txt_cache, device=device) if texts else None
     for c in (img_cache, txt_cache):
         if c:
             c.close()
     skipped.report("images")
-    return kept, feats[ok], text_feats, owner, skipped
+    return kept, img_f, text_f, owner, skipped
 
 
 def embed_records(model: DualEncoder, records: Sequence[ImageCaption], cache_dir: str | os.PathLike | None,

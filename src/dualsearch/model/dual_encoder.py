@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,17 +42,26 @@ class DualEncoder(nn.Module):
     """``encode_image(pixels [B,3,H,W]) -> [B,D]``, ``encode_text(tokens) -> [B,D]``."""
 
     def __init__(self, config: ModelConfig, image_tower: ImageTower | None = None,
-                 text_tower: TextTower | None = None):
+                 text_tower: TextTower | None = None, folder: str | os.PathLike | None = None):
         super().__init__()
         self.config = config
-        self.image_tower = image_tower or build_image_tower(config.image_tower)
-        self.text_tower = text_tower or build_text_tower(config.text_tower, config.text_pooling,
+        self.image_tower = image_tower or build_image_tower(resolve_spec(config.image_tower, folder))
+        self.text_tower = text_tower or build_text_tower(resolve_spec(config.text_tower, folder), config.text_pooling,
                                                          config.max_text_length)
         self.image_tower.set_trainable(config.image_trainable)
         self.text_tower.set_trainable(config.text_trainable)
         d = config.embed_dim
-        self.image_head = ProjectionHead(self.image_tower.output_dim, d, config.head_layers, config.dropout)
-        self.text_head = ProjectionHead(self.text_tower.output_dim, d, config.head_layers, config.dropout)
+        if config.head == "identity":  # CLIP-like towers already end in their projection
+            for tower in (self.image_tower, self.text_tower):
+                if tower.output_dim != d:
+                    raise ModelError(f"head 'identity' needs towers of dimension {d}; {tower.spec} gives "
+                                     f"{tower.output_dim}")
+            self.image_head, self.text_head = nn.Identity(), nn.Identity()
+        elif config.head == "projection":
+            self.image_head = ProjectionHead(self.image_tower.output_dim, d, config.head_layers, config.dropout)
+            self.text_head = ProjectionHead(self.text_tower.output_dim, d, config.head_layers, config.dropout)
+        else:
+            raise ModelError(f"unknown head {config.head!r}: use projection or identity")
         init_scale = math.log(1.0 / config.temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init_scale), requires_grad=config.learn_temperature)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0 if config.loss == "siglip" else 0.0),
@@ -124,6 +134,7 @@ class DualEncoder(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        self._carry_local_towers(folder)
         doc = {"format_version": FORMAT_VERSION, "model": to_dict(self.config),
                "fingerprints": {"image_tower": self.image_tower.fingerprint()
                                 if self.config.image_trainable == "frozen" else None,
@@ -140,6 +151,15 @@ class DualEncoder(nn.Module):
         _atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True))
         return folder
 
+    def _carry_local_towers(self, folder: Path) -> None:
+        """A tower spec ``hf:./sub`` lives inside the model folder: copy it along to a new folder."""
+        source = getattr(self, "folder", None)
+        for spec in {self.config.image_tower, self.config.text_tower}:
+            if spec.startswith("hf:./") and source is not None:
+                src, dst = Path(source) / spec[5:], folder / spec[5:]
+                if src.resolve() != dst.resolve() and not dst.exists():
+                    shutil.copytree(src, dst)
+
     @classmethod
     def load(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
              verify_towers: bool = False) -> "DualEncoder":
@@ -149,7 +169,7 @@ class DualEncoder(nn.Module):
         folder = Path(folder)
         doc = read_model_config(folder)
         config = from_dict(ModelConfig, doc["model"])
-        model = cls(config)
+        model = cls(config, folder=folder)
         try:
             state = load_file(str(folder / WEIGHTS_FILE))
         except (OSError, Exception) as e:  # safetensors raises its own error type
@@ -175,6 +195,13 @@ class DualEncoder(nn.Module):
         if folder is None:
             raise ModelError("model has not been saved")
         return model_content_hash(folder)
+
+
+def resolve_spec(spec: str, folder: str | os.PathLike | None) -> str:
+    """``hf:./sub`` names a folder inside the model folder (an imported model travels with it)."""
+    if spec.startswith("hf:./") and folder is not None:
+        return "hf:" + str((Path(folder) / spec[5:]).resolve())
+    return spec
 
 
 def read_model_config(folder: str | os.PathLike) -> dict:

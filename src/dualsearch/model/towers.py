@@ -189,6 +189,8 @@ class HFImageTower(ImageTower):
         config = _hf_load(name, AutoConfig.from_pretrained, "vision model config")
         self.model = _hf_load(name, AutoModel.from_pretrained, "vision model")
         self.use_features = hasattr(self.model, "get_image_features")
+        if self.use_features:  # a CLIP-like dual model: keep only the vision half
+            _drop(self.model, ("text_model", "text_projection"))
         try:
             proc = _image_processor(name)
         except (OSError, ValueError):
@@ -221,6 +223,13 @@ class HFImageTower(ImageTower):
         if pooled is not None:
             return _flatten_pool(pooled)
         return out.last_hidden_state[:, 0]
+
+
+def _drop(model: nn.Module, names: Sequence[str]) -> None:
+    """Remove submodules a tower never uses (the other modality of a dual model)."""
+    for name in names:
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
 
 
 def _find_blocks(model: nn.Module, paths: Sequence[str]) -> list[nn.Module]:
@@ -296,9 +305,14 @@ class TextTower(Tower):
         self.tokenizer = _hf_load(name, AutoTokenizer.from_pretrained, "tokenizer")
         self.model = _hf_load(name, AutoModel.from_pretrained, "text model")
         self.use_features = hasattr(self.model, "get_text_features")
+        if self.use_features:  # a CLIP-like dual model: keep only the text half
+            _drop(self.model, ("vision_model", "visual_projection"))
         self.pooling = self._choose_pooling(name, pooling)
-        limit = getattr(self.model.config, "max_position_embeddings", None) or 512
-        self.max_length = int(min(max_length, limit))
+        text_cfg = getattr(self.model.config, "text_config", None) or self.model.config
+        limit = getattr(text_cfg, "max_position_embeddings", None) or 512
+        # SigLIP was trained on text padded to its full context, without an attention mask
+        self.siglip = getattr(self.model.config, "model_type", "").startswith("siglip")
+        self.max_length = int(limit if self.siglip else min(max_length, limit))
         with torch.no_grad():
             self.output_dim = int(self.forward(self.tokenize(["a"])).shape[-1])
 
@@ -316,12 +330,23 @@ class TextTower(Tower):
         return "pooler" if getattr(self.model, "pooler", None) is not None else "mean"
 
     def preprocessing_config(self) -> dict:
-        return {"pooling": self.pooling, "max_length": self.max_length}
+        return {"pooling": self.pooling, "max_length": self.max_length, "siglip": self.siglip}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Strings -> padded token tensors (truncated at ``max_length``)."""
-        return dict(self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                                   return_tensors="pt"))
+        """Strings -> padded token tensors; longer texts are truncated at ``max_length`` with a warning."""
+        texts = list(texts)
+        long = [t for t in texts if len(t) > self.max_length - 2]  # shorter ones cannot overflow
+        if long:
+            lengths = [len(ids) for ids in self.tokenizer(long, truncation=False, verbose=False)["input_ids"]]
+            over = [t for t, n in zip(long, lengths) if n > self.max_length]
+            if over:
+                log.warning("%d text(s) longer than the text tower's %d tokens were truncated, e.g. %r",
+                            len(over), self.max_length, over[0][:80])
+        tokens = dict(self.tokenizer(texts, padding="max_length" if self.siglip else True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt"))
+        if self.siglip:
+            tokens = {"input_ids": tokens["input_ids"]}
+        return tokens
 
     def blocks(self) -> Sequence[nn.Module]:
         return _find_blocks(self.model, ("encoder.layer", "text_model.encoder.layers", "layers", "h"))

@@ -1,10 +1,10 @@
 """Training runs with PyTorch Lightning.
 
-Two input paths feed the same LightningModule:
-  - cached: both towers frozen and no augmentation -> tower features are computed once (and cached
-    on disk), and each epoch trains only the projection heads on them;
-  - raw: images are decoded and towers run every step (trainable towers, augmentation, or the
-    reference's behaviour, for the speed benchmark).
+Each side of a pair comes from one of two paths, chosen per tower:
+  - cached: the tower is frozen (and, for images, inputs are not augmented) -> its features are
+    computed once (and cached on disk), and training runs only its projection head on them;
+  - raw: images are decoded / captions tokenised and the tower runs every step (a trainable tower,
+    augmentation, or the reference's behaviour, for the speed benchmark).
 The run writes a model folder: config.json, model.safetensors, loss_history.csv, loss.png.
 """
 from __future__ import annotations
@@ -60,62 +60,50 @@ def recipe(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
 
 
 # ============================================================================ datasets
-class FeaturePairs(Dataset):
-    """(image feature, caption feature) pairs from cached tower features.
+class Pairs(Dataset):
+    """(image item, caption item) pairs. Each side is either a cached tower feature (a tensor) or a
+    raw input (preprocessed pixels; a caption string, tokenised by the collate), so that a frozen
+    tower uses its cache even when the other tower trains.
 
     ``pairs="all"``: every (image, caption) pair once an epoch (the reference);
     ``pairs="sample"``: one item per image, its caption drawn at random each time (so a batch never
     holds the same image twice); ``fixed=True`` draws caption 0 (for validation)."""
 
-    def __init__(self, image_feats: np.ndarray, text_feats: np.ndarray, owner: np.ndarray, pairs: str,
-                 fixed: bool = False):
-        self.img = torch.from_numpy(image_feats)
-        self.txt = torch.from_numpy(text_feats)
-        self.owner = owner
-        self.pairs = pairs
-        self.fixed = fixed
-        starts = np.searchsorted(owner, np.arange(len(image_feats)))
-        self.starts = starts
-        self.counts = np.bincount(owner, minlength=len(image_feats))
-
-    def __len__(self) -> int:
-        return len(self.owner) if self.pairs == "all" else len(self.img)
-
-    def __getitem__(self, i: int):
-        if self.pairs == "all":
-            return self.img[self.owner[i]], self.txt[i]
-        j = 0 if self.fixed else random.randrange(self.counts[i])
-        return self.img[i], self.txt[self.starts[i] + j]
-
-
-class RawPairs(Dataset):
-    """(pixels, caption) pairs decoded every epoch; bad images are dropped by the collate."""
-
-    def __init__(self, records: Sequence[ImageCaption], preprocess, target_size: int, pairs: str,
+    def __init__(self, records: Sequence[ImageCaption], pairs: str, image_feats: np.ndarray | None = None,
+                 text_feats: np.ndarray | None = None, preprocess=None, target_size: int = 224,
                  fixed: bool = False, augment: bool = False):
         self.records = list(records)
-        self.items = ([(i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))]
-                      if pairs == "all" else None)
+        counts = np.array([len(r.captions) for r in self.records])
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.counts = counts
+        self.owner = np.repeat(np.arange(len(self.records)), counts)
+        self.pairs = pairs
+        self.img = torch.from_numpy(image_feats) if image_feats is not None else None
+        self.txt = torch.from_numpy(text_feats) if text_feats is not None else None
         self.preprocess = preprocess
         self.target_size = target_size
         self.fixed = fixed
         self.augment = augment
 
     def __len__(self) -> int:
-        return len(self.items) if self.items is not None else len(self.records)
+        return len(self.owner) if self.pairs == "all" else len(self.records)
 
     def __getitem__(self, k: int):
-        i, j = self.items[k] if self.items is not None else (k, None)
-        rec = self.records[i]
-        if j is None:
-            j = 0 if self.fixed else random.randrange(len(rec.captions))
+        if self.pairs == "all":
+            i, c = int(self.owner[k]), k
+        else:
+            i = k
+            c = int(self.starts[i]) + (0 if self.fixed else random.randrange(self.counts[i]))
+        text = self.txt[c] if self.txt is not None else self.records[i].captions[c - self.starts[i]]
+        if self.img is not None:
+            return self.img[i], text
         try:
-            img = load_image(rec.image, target_size=self.target_size)
+            img = load_image(self.records[i].image, target_size=self.target_size)
         except ImageLoadError:
             return None
         if self.augment:
             img = _augment(img)
-        return self.preprocess(img), rec.captions[j]
+        return self.preprocess(img), text
 
 
 def _augment(img):
@@ -131,14 +119,17 @@ def _augment(img):
     return ImageEnhance.Brightness(img).enhance(random.uniform(0.85, 1.15))
 
 
-class RawCollate:
+class PairCollate:
+    """Stacks tensors, tokenises caption strings, drops images that failed to decode."""
+
     def __init__(self, tokenize):
         self.tokenize = tokenize
 
     def __call__(self, batch):
         batch = [b for b in batch if b is not None]
-        pixels = torch.stack([b[0] for b in batch])
-        return pixels, self.tokenize([b[1] for b in batch])
+        images = torch.stack([b[0] for b in batch])
+        texts = [b[1] for b in batch]
+        return images, (torch.stack(texts) if isinstance(texts[0], torch.Tensor) else self.tokenize(texts))
 
 
 # ============================================================================ the module
@@ -152,7 +143,7 @@ def _lightning():
     return pl
 
 
-def make_module(model: DualEncoder, tcfg: TrainConfig, cached: bool):
+def make_module(model: DualEncoder, tcfg: TrainConfig, cached: tuple[bool, bool]):
     pl = _lightning()
 
     class DualEncoderModule(pl.LightningModule):
@@ -171,9 +162,11 @@ def make_module(model: DualEncoder, tcfg: TrainConfig, cached: bool):
 
         def _embed(self, batch):
             a, b = batch
-            if self.cached:
-                return self.model.image_head(a), self.model.text_head(b)
-            return self.model.encode_image(a.contiguous(memory_format=torch.channels_last)), self.model.encode_text(b)
+            image_cached, text_cached = self.cached
+            img = (self.model.image_head(a) if image_cached
+                   else self.model.encode_image(a.contiguous(memory_format=torch.channels_last)))
+            txt = self.model.text_head(b) if text_cached else self.model.encode_text(b)
+            return img, txt
 
         def training_step(self, batch, _):
             img, txt = self._embed(batch)
@@ -249,26 +242,28 @@ class FitResult:
 
 
 def build_loaders(model: DualEncoder, tcfg: TrainConfig, train: Sequence[ImageCaption],
-                  val: Sequence[ImageCaption], cached: bool, cache_dir, device: str,
+                  val: Sequence[ImageCaption], cached: tuple[bool, bool], cache_dir, device: str,
                   num_workers: int | None):
-    if cached:
-        from ..embed import tower_features
+    """DataLoaders; a side whose tower is frozen (and, for images, not augmented) reads features
+    computed once through the cache, the other side reads raw inputs."""
+    from ..embed import tower_features
 
-        def feature_set(records, fixed):
-            _, img_f, txt_f, owner, _ = tower_features(model, records, cache_dir, device, num_workers)
-            return FeaturePairs(img_f, txt_f, owner, tcfg.pairs, fixed=fixed)
+    image_cached, text_cached = cached
 
-        train_ds = feature_set(train, False)
-        val_ds = feature_set(val, True) if val else None
-        kw: dict = {"num_workers": 0}
-    else:
-        prep = model.image_tower.preprocessor()
-        size = model.image_tower.image_size
-        train_ds = RawPairs(train, prep, size, tcfg.pairs, augment=tcfg.augment)
-        val_ds = RawPairs(val, prep, size, tcfg.pairs, fixed=True) if val else None
-        workers = default_workers() if num_workers is None else num_workers
-        kw = {"num_workers": workers, "collate_fn": RawCollate(model.text_tower.tokenize),
-              "persistent_workers": workers > 0}
+    def dataset(records, fixed):
+        img_f = txt_f = None
+        if image_cached or text_cached:
+            records, img_f, txt_f, _, _ = tower_features(model, records, cache_dir, device, num_workers,
+                                                         images=image_cached, texts=text_cached)
+        return Pairs(records, tcfg.pairs, img_f, txt_f, model.image_tower.preprocessor(),
+                     model.image_tower.image_size, fixed=fixed, augment=tcfg.augment and not fixed)
+
+    train_ds = dataset(train, False)
+    val_ds = dataset(val, True) if val else None
+    workers = 0 if image_cached else (default_workers() if num_workers is None else num_workers)
+    # no persistent workers: a fresh iterator each epoch draws its seeds as the cached path's
+    # does, so both paths see the same batches in every epoch
+    kw = {"num_workers": workers, "collate_fn": PairCollate(model.text_tower.tokenize)}
     g = torch.Generator().manual_seed(tcfg.seed)
     train_dl = DataLoader(train_ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=len(train_ds) > tcfg.batch_size,
                           generator=g, **kw)
@@ -289,7 +284,8 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     if not train:
         raise ValueError("no training records")
     model = init_model or DualEncoder(mcfg)
-    cached = use_cache and model.image_tower.is_frozen and model.text_tower.is_frozen and not tcfg.augment
+    cached = (use_cache and model.image_tower.is_frozen and not tcfg.augment,
+              use_cache and model.text_tower.is_frozen)
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     device = "cuda" if on_gpu else "cpu"
     train_dl, val_dl = build_loaders(model, tcfg, train, val, cached, cache_dir if use_cache else None,
@@ -310,8 +306,8 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
                          log_every_n_steps=1, deterministic=False)
     t0 = time.perf_counter()
     trainer.fit(module, train_dl, val_dl)
-    log.info("trained %d epochs in %.1f s (%s path)", len(history), time.perf_counter() - t0,
-             "cached-feature" if cached else "raw")
+    log.info("trained %d epochs in %.1f s (image %s, text %s)", len(history), time.perf_counter() - t0,
+             *("cached features" if c else "tower every step" for c in cached))
     best = checkpoint.best_model_score
     if checkpoint.best_model_path:  # restore the best weights, as EarlyStopping(restore_best_weights)
         state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]

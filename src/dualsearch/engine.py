@@ -106,6 +106,76 @@ def image_forward(module: nn.Module, key: str, image_size: int, engine: str = "a
     return torch_forward(module, device), "torch"
 
 
+# ----------------------------------------------------------------------------- text
+TextForward = Callable[[dict], np.ndarray]
+
+
+class _TokensToFeatures(nn.Module):
+    """Positional-argument wrapper so that a text tower exports with named token inputs."""
+
+    def __init__(self, tower: nn.Module, names: list[str]):
+        super().__init__()
+        self.tower = tower
+        self.names = names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.tower(dict(zip(self.names, tensors)))
+
+
+def text_forward(tower, key: str, engine: str = "auto", device: str = "cpu",
+                 cache_dir: str | os.PathLike | None = None, atol: float = 1e-3) -> tuple[TextForward, str]:
+    """-> (forward over tokenised batches, engine used), as :func:`image_forward` for text towers."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    tower.eval().to(device)
+
+    @torch.inference_mode()
+    def run_torch(tokens: dict) -> np.ndarray:
+        return tower({k: v.to(device) for k, v in tokens.items()}).float().cpu().numpy()
+
+    if not (engine == "onnx" or (engine == "auto" and device == "cpu" and onnx_available())):
+        return run_torch, "torch"
+    from .train.features import default_cache_dir
+
+    sample = tower.tokenize(["a small red circle above two blue stars", "a picture"])
+    names = list(sample)
+    path = Path(cache_dir or default_cache_dir()) / "onnx" / f"text-{key}.onnx"
+    try:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            import warnings
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+            axes = {n: {0: "batch", 1: "sequence"} for n in names}
+            axes["features"] = {0: "batch"}
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(_TokensToFeatures(tower, names).eval(), tuple(sample[n] for n in names), str(tmp),
+                                  input_names=names, output_names=["features"], dynamic_axes=axes,
+                                  opset_version=17, dynamo=False)
+            os.replace(tmp, path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        check = tower.tokenize(["two green squares on the left", "one", "a large yellow star on a dark background"])
+        got = session.run(None, {k: v.numpy() for k, v in check.items()})[0]
+        diff = float(np.abs(got - run_torch(check)).max())
+    except Exception as e:  # export or runtime failure of an exotic model: fall back to torch
+        log.warning("ONNX export of text tower %s failed (%s); using torch", key, str(e).splitlines()[0] if str(e) else e)
+        return run_torch, "torch"
+    if diff > atol:
+        log.warning("ONNX output of text tower %s differs from torch by %.2g; using torch", key, diff)
+        return run_torch, "torch"
+
+    def run_onnx(tokens: dict) -> np.ndarray:
+        return session.run(None, {k: v.cpu().numpy() for k, v in tokens.items()})[0]
+
+    return run_onnx, "onnx"
+
+
 class NormalizedImageEncoder(nn.Module):
     """Tower + head + L2 normalisation as one module (what an index stores)."""
 

@@ -172,23 +172,28 @@ def compute_image_features(tower: ImageTower, refs: Sequence[ImageRef], cache: F
 
 @torch.inference_mode()
 def compute_text_features(tower: TextTower, texts: Sequence[str], cache: FeatureCache | None = None,
-                          batch_size: int = 256, device: str = "cpu", desc: str = "text features") -> np.ndarray:
+                          batch_size: int = 256, device: str = "cpu", desc: str = "text features",
+                          engine: str = "auto") -> np.ndarray:
     """Tower features for ``texts`` -> ``[M, F]`` float32."""
     feats = np.zeros((len(texts), tower.output_dim), dtype=np.float32)
     keys = [text_key(t) for t in texts] if cache else []
     todo = _fill_from_cache(cache, keys, feats, len(texts))
     if not todo:
         return feats
-    tower.eval().to(device)
+    from ..engine import text_forward
+
+    onnx_dir = cache.path.parent.parent if cache else None
+    forward, used = text_forward(tower, tower.fingerprint(), engine, device, onnx_dir)
     # sort by length so that padding stays short
     todo.sort(key=lambda i: len(texts[i]))
+    t0 = time.perf_counter()
     for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
         rows = todo[s:s + batch_size]
-        tokens = {k: v.to(device) for k, v in tower.tokenize([texts[i] for i in rows]).items()}
-        out = tower(tokens).float().cpu().numpy()
+        out = forward(tower.tokenize([texts[i] for i in rows]))
         feats[rows] = out
         if cache:
             cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
+    log.info("%s: %d texts in %.1f s (%s)", desc, len(todo), time.perf_counter() - t0, used)
     return feats
 
 

@@ -28,14 +28,16 @@ def add_data_source_args(p: argparse.ArgumentParser, required: bool = True, pref
     """The options every command that reads image-caption data shares."""
     p.add_argument(f"--{prefix}captions", required=required, metavar="SOURCE",
                    help="captions: COCO JSON, CSV/TSV/JSONL, WebDataset shards (.tar, folder, "
-                        "brace pattern) or a folder of images with .txt captions")
+                        "brace pattern), TFRecord files, a local Hugging Face dataset (Parquet/Arrow, "
+                        "imagefolder) or a folder of images with .txt captions")
     p.add_argument(f"--{prefix}images", metavar="DIR", help="image root for COCO / table paths")
     if prefix:
         return
     p.add_argument("--format", default="auto",
-                   choices=["auto", "coco", "csv", "tsv", "jsonl", "webdataset", "folder"])
-    p.add_argument("--path-column", help="table column holding image paths (default: guessed)")
-    p.add_argument("--caption-column", help="table column holding captions (default: guessed)")
+                   choices=["auto", "coco", "csv", "tsv", "jsonl", "webdataset", "folder", "tfrecord", "hf",
+                            "imagefolder"])
+    p.add_argument("--path-column", help="column holding image paths (Parquet: the image column; default: guessed)")
+    p.add_argument("--caption-column", help="column(s) holding captions, comma-separated (default: guessed)")
 
 
 def read_source(args: argparse.Namespace, captions_per_image: int | None = None, prefix: str = ""):
@@ -176,6 +178,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- index / search / demo
 def cmd_index(args: argparse.Namespace) -> None:
+    if args.from_embeddings:
+        return cmd_index_from_embeddings(args)
+    if not args.images_dir:
+        raise UsageError("give IMAGES_DIR, or --from-embeddings")
     from .data.captions import DataError
     from .index.ann import ANNError
     from .index.build import IndexError_, build_index
@@ -196,6 +202,46 @@ def cmd_index(args: argparse.Namespace) -> None:
     if len(report.skipped) > 10:
         print(f"  ... and {len(report.skipped) - 10} more (see the catalog)")
     print(f"index written to {args.out}")
+
+
+def cmd_index_from_embeddings(args: argparse.Namespace) -> None:
+    from .export import read_embeddings
+    from .index.ann import ANNError
+    from .index.build import IndexError_, index_vectors
+    from .index.catalog import CatalogError
+    from .model.dual_encoder import ModelError
+
+    try:
+        paths, vectors = read_embeddings(args.from_embeddings)
+        report = index_vectors(args.out, args.model, paths, vectors, kind=args.ann,
+                               memory_budget=args.memory_budget * 1e9, images_root=args.images_dir)
+    except (OSError, ValueError, IndexError_, CatalogError, ModelError, ANNError) as e:
+        raise UsageError(f"{args.from_embeddings}: {e}" if not str(e).startswith(str(args.from_embeddings))
+                         else str(e)) from e
+    print(f"indexed {report.added} vectors from {args.from_embeddings}; index: {report.count} vectors "
+          f"({report.kind})")
+    print(f"index written to {args.out}")
+
+
+def cmd_embeddings_export(args: argparse.Namespace) -> None:
+    from .export import write_embeddings
+
+    try:
+        n = write_embeddings(args.index, args.out)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    print(f"wrote {n} vectors to {args.out}/img_emb and their paths to {args.out}/metadata")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_onnx_model
+    from .model.dual_encoder import ModelError
+
+    try:
+        out = export_onnx_model(args.model, args.onnx)
+    except ModelError as e:
+        raise UsageError(str(e)) from e
+    print(f"wrote {out}/image_encoder.onnx, {out}/text_encoder.onnx, tokenizer files and export.json")
 
 
 def open_searcher(index: str, model: str | None = None):
@@ -331,7 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("index", help="embed a folder of images into a searchable index (incremental)")
-    p.add_argument("images_dir")
+    p.add_argument("images_dir", nargs="?", help="folder of images (with --from-embeddings: their root, optional)")
+    p.add_argument("--from-embeddings", metavar="SRC",
+                   help="index vectors computed elsewhere: a folder with img_emb/*.npy + metadata/*.parquet "
+                        "(clip-retrieval), or a Parquet file with image_path and embedding columns")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, metavar="INDEX")
     p.add_argument("--ann", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
@@ -357,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help='print [{"path": .., "score": ..}, ...]')
     p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="export a model's encoders as ONNX (with a small ONNX Runtime loader)")
+    p.add_argument("model")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="folder to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embeddings", help="move embeddings in and out of an index")
+    esub = p.add_subparsers(dest="embeddings_command", required=True)
+    p = esub.add_parser("export", help="an index's vectors and paths in clip-retrieval's layout")
+    p.add_argument("index")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_embeddings_export)
 
     p = sub.add_parser("serve", help="serve an index as a search page and JSON API")
     p.add_argument("index")

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 PATH_COLUMNS = ("filepath", "image", "image_path", "path", "file_name", "filename", "file", "img")
 CAPTION_COLUMNS = ("caption", "captions", "text", "title", "sentence", "txt")
-FORMATS = ("auto", "coco", "csv", "tsv", "jsonl", "webdataset", "folder")
+FORMATS = ("auto", "coco", "csv", "tsv", "jsonl", "webdataset", "folder", "tfrecord", "hf", "imagefolder")
+IMAGE_COLUMNS = ("image", "img", "jpg", "png", "picture")
 
 
 class DataError(ValueError):
@@ -294,11 +295,114 @@ def read_folder(root: str | os.PathLike, captions_per_image: int | None = None) 
     return _finish(groups, refs, SkipLog(), str(root), captions_per_image)
 
 
+def read_tfrecords(source: str | os.PathLike, captions_per_image: int | None = None) -> CaptionDataset:
+    """The reference's TFRecord shards (see :mod:`dualsearch.data.tfrecord`)."""
+    from .tfrecord import expand_tfrecords, scan_tfrecord
+
+    files = expand_tfrecords(source)
+    if not files:
+        raise DataError(f"{source}: no TFRecord files found")
+    skipped = SkipLog()
+    groups: OrderedDict[str, list] = OrderedDict()
+    refs: dict[str, ImageRef] = {}
+    for f in files:
+        scan_tfrecord(f, groups, refs, skipped)
+    return _finish(groups, refs, skipped, str(source), captions_per_image)
+
+
+def _hf_files(source: str) -> list[str]:
+    if os.path.isfile(source):
+        return [source]
+    found = [p for ext in ("parquet", "arrow") for p in glob.glob(os.path.join(source, "**", f"*.{ext}"),
+                                                                  recursive=True)]
+    return sorted(found)
+
+
+def _arrow_table(path: str):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.endswith(".parquet"):
+        return pq.read_table(path)
+    with open(path, "rb") as f:  # datasets' save_to_disk writes the Arrow stream format
+        try:
+            return pa.ipc.open_stream(f).read_all()
+        except pa.ArrowInvalid:
+            f.seek(0)
+            return pa.ipc.open_file(f).read_all()
+
+
+def read_hf(source: str | os.PathLike, image_column: str | None = None, caption_column: str | None = None,
+            captions_per_image: int | None = None) -> CaptionDataset:
+    """A Hugging Face dataset stored locally as Parquet or Arrow files: an image column (``{bytes,
+    path}`` structs as ``datasets.Image`` stores them, raw bytes, or paths) and one or more caption
+    columns (``--caption-column a,b``; a cell may hold a list). Image bytes are kept in memory."""
+    files = _hf_files(str(source))
+    if not files:
+        raise DataError(f"{source}: no Parquet or Arrow files found")
+    skipped = SkipLog()
+    groups: OrderedDict[str, list] = OrderedDict()
+    refs: dict[str, ImageRef | None] = {}
+    for path in files:
+        try:
+            table = _arrow_table(path)
+        except Exception as e:  # pyarrow raises several error types for damaged files
+            skipped.add(path, f"unreadable file: {e}")
+            continue
+        columns = table.column_names
+        icol = _pick_column(columns, image_column, IMAGE_COLUMNS, "path", Path(path))
+        ccols = ([c.strip() for c in caption_column.split(",")] if caption_column
+                 else [_pick_column(columns, None, CAPTION_COLUMNS, "caption", Path(path))])
+        for c in ccols:
+            _pick_column(columns, c, (), "caption", Path(path))
+        images = table.column(icol).to_pylist()
+        caps = [table.column(c).to_pylist() for c in ccols]
+        for i, cell in enumerate(images):
+            key, ref = _hf_image(cell, path, i)
+            if key is None:
+                skipped.add(f"{path}::row {i}", "no image in the row")
+                continue
+            refs.setdefault(key, ref)
+            for col in caps:
+                v = col[i]
+                groups.setdefault(key, []).extend(v if isinstance(v, list) else [v])
+    return _finish(groups, refs, skipped, str(source), captions_per_image)
+
+
+def _hf_image(cell, path: str, row: int) -> tuple[str | None, ImageRef | None]:
+    if isinstance(cell, dict):
+        data, rel = cell.get("bytes"), cell.get("path")
+    elif isinstance(cell, (bytes, bytearray)):
+        data, rel = bytes(cell), None
+    else:
+        data, rel = None, cell
+    if data:
+        import hashlib
+
+        return hashlib.sha1(data).hexdigest(), ImageRef(path, member=f"row {row}", data=bytes(data))
+    if rel:
+        full = rel if os.path.isabs(rel) else os.path.join(os.path.dirname(path), rel)
+        return full, _file_ref(Path(full))
+    return None, None
+
+
 def detect_format(source: str | os.PathLike) -> str:
     s = str(source)
     if os.path.isdir(s):
-        return "webdataset" if glob.glob(os.path.join(s, "*.tar")) else "folder"
+        if glob.glob(os.path.join(s, "*.tar")):
+            return "webdataset"
+        if glob.glob(os.path.join(s, "*.tfrecord")) or glob.glob(os.path.join(s, "*.tfrec")):
+            return "tfrecord"
+        if os.path.isfile(os.path.join(s, "metadata.jsonl")) or os.path.isfile(os.path.join(s, "metadata.csv")):
+            return "imagefolder"
+        if _hf_files(s):
+            return "hf"
+        return "folder"
     low = s.lower()
+    if low.endswith((".tfrecord", ".tfrec")):
+        return "tfrecord"
+    if low.endswith((".parquet", ".arrow")):
+        return "hf"
     if low.endswith(".tar") or "{" in s:
         return "webdataset"
     if low.endswith(".json"):
@@ -331,6 +435,14 @@ def read_dataset(source: str | os.PathLike, images: str | os.PathLike | None = N
         return read_table(source, images, fmt, path_column, caption_column, captions_per_image)
     if fmt == "webdataset":
         return read_webdataset(source, captions_per_image)
+    if fmt == "tfrecord":
+        return read_tfrecords(source, captions_per_image)
+    if fmt == "imagefolder":  # a Hugging Face imagefolder: metadata.jsonl/csv next to the images
+        meta = Path(source) / "metadata.jsonl"
+        meta = meta if meta.is_file() else Path(source) / "metadata.csv"
+        return read_table(meta, source, "auto", path_column or "file_name", caption_column, captions_per_image)
+    if fmt == "hf":
+        return read_hf(source, path_column, caption_column, captions_per_image)
     return read_folder(source, captions_per_image)
 
 

@@ -1,6 +1,7 @@
 """The records every reader yields: one image with its captions."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -23,16 +24,18 @@ def normalize_caption(text: str) -> str:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where an image's bytes live: a file on disk, or a member of a tar shard.
+    """Where an image's bytes live: a file on disk, a member of a tar shard or TFRecord file, or
+    bytes held in memory (a Parquet row).
 
-    For a tar member, ``offset``/``size`` locate its data inside ``path`` so that it can be read
-    back at random without scanning the archive.
+    For a member, ``offset``/``size`` locate its bytes inside ``path`` so that it can be read back
+    at random without scanning the container.
     """
 
     path: str
     member: str | None = None
     offset: int | None = None
     size: int | None = None
+    data: bytes | None = field(default=None, repr=False, compare=False)  # bytes held in memory (Parquet rows)
 
     @property
     def name(self) -> str:
@@ -44,17 +47,21 @@ class ImageRef:
         return Path(self.member or self.path).suffix.lower()
 
     def read_bytes(self) -> bytes:
+        if self.data is not None:
+            return self.data
         if self.member is None:
             return Path(self.path).read_bytes()
         with open(self.path, "rb") as f:
             f.seek(self.offset or 0)
             data = f.read(self.size or 0)
         if len(data) != (self.size or 0):
-            raise OSError(f"{self.name}: tar member truncated ({len(data)} of {self.size} bytes)")
+            raise OSError(f"{self.name}: member truncated ({len(data)} of {self.size} bytes)")
         return data
 
     def identity(self) -> tuple:
         """What changes when the image changes: used as a cache key."""
+        if self.data is not None:
+            return ("bytes", hashlib.sha1(self.data).hexdigest())
         st = os.stat(self.path)
         return (os.path.abspath(self.path), self.member, self.offset, self.size, st.st_size, st.st_mtime_ns)
 

@@ -147,7 +147,8 @@ def build(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", memory_budge
     """Build, fill and tune an index from unit vectors ``[N, D]`` and their ids ``[N]``."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
-    if kind == "auto":
+    auto = kind == "auto"
+    if auto:
         kind = choose_kind(n, dim, memory_budget_bytes)
     if kind == "ivfpq" and n < 2000:
         log.warning("ivfpq needs a few thousand vectors to train; %d given, using flat", n)
@@ -159,6 +160,12 @@ def build(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", memory_budge
         train_index(index, sample)
         index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
     params, recall = tune(index, kind, vectors, np.asarray(ids, dtype=np.int64), target_recall)
+    if auto and recall < target_recall and n * dim * 4 <= memory_budget_bytes:
+        # vectors without neighbourhood structure defeat every ANN index: stay exact rather than
+        # answer with low recall
+        log.warning("%s reaches recall@10 %.3f < %.2f on this collection; using exact search", kind, recall,
+                    target_recall)
+        return build(vectors, ids, "flat", memory_budget_bytes, target_recall)
     return BuiltIndex(index, kind, params, recall)
 
 

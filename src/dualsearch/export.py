@@ -1,0 +1,156 @@
+"""Interoperability: ONNX encoders, and embeddings in clip-retrieval's layout.
+
+``export_onnx_model(MODEL, OUT)`` writes
+  OUT/image_encoder.onnx   pixels [B,3,S,S] -> unit embeddings [B,D]   (tower + head + L2 norm)
+  OUT/text_encoder.onnx    token tensors [B,T] -> unit embeddings [B,D]
+  OUT/tokenizer files, OUT/export.json (preprocessing and input names)
+and :class:`OnnxDualEncoder` embeds with ONNX Runtime from that folder alone (no torch model).
+
+Embeddings: ``OUT/img_emb/img_emb_0.npy`` (float32 [N, D]) + ``OUT/metadata/metadata_0.parquet``
+(``image_path``), as clip-retrieval writes them; or one Parquet file with a vector column.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model, names: list[str]):
+        super().__init__()
+        self.tower, self.head, self.names = model.text_tower, model.text_head, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.head(self.tower(dict(zip(self.names, tensors)))), dim=-1)
+
+
+def export_onnx_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    from .engine import NormalizedImageEncoder
+    from .model.dual_encoder import DualEncoder
+
+    model = DualEncoder.load(model_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.image_tower.image_size
+    sample = model.text_tower.tokenize(["a small red circle above two blue stars", "a picture"])
+    names = list(sample)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(NormalizedImageEncoder(model).eval(), (torch.zeros(2, 3, size, size),),
+                          str(out / "image_encoder.onnx"), input_names=["pixels"], output_names=["embedding"],
+                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        axes["embedding"] = {0: "batch"}
+        torch.onnx.export(_TextEncoder(model, names).eval(), tuple(sample[n] for n in names),
+                          str(out / "text_encoder.onnx"), input_names=names, output_names=["embedding"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    model.text_tower.tokenizer.save_pretrained(out)
+    prep = model.image_tower.preprocessor()
+    (out / "export.json").write_text(json.dumps({
+        "format_version": 1, "embed_dim": model.config.embed_dim,
+        "image": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "resize": prep.resize},
+        "text": {"inputs": names, "max_length": model.text_tower.max_length, "siglip": model.text_tower.siglip},
+        "source_model": str(Path(model_dir).resolve()),
+    }, indent=2))
+    return out
+
+
+class OnnxDualEncoder:
+    """Embeds texts and images with ONNX Runtime from an exported folder."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        from .model.towers import ImagePreprocessor
+
+        folder = Path(folder)
+        self.meta = json.loads((folder / "export.json").read_text())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        self.image_session = ort.InferenceSession(str(folder / "image_encoder.onnx"), opts,
+                                                  providers=["CPUExecutionProvider"])
+        self.text_session = ort.InferenceSession(str(folder / "text_encoder.onnx"), opts,
+                                                 providers=["CPUExecutionProvider"])
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        im = self.meta["image"]
+        self.preprocess = ImagePreprocessor(im["size"], tuple(im["mean"]), tuple(im["std"]), im["resize"])
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        t = self.meta["text"]
+        tokens = self.tokenizer(list(texts), padding="max_length" if t["siglip"] else True, truncation=True,
+                                max_length=t["max_length"], return_tensors="np")
+        feed = {name: tokens[name].astype(np.int64) for name in t["inputs"]}
+        return self.text_session.run(None, feed)[0]
+
+    def embed_images(self, images: Sequence) -> np.ndarray:
+        """PIL images -> unit embeddings."""
+        pixels = np.stack([self.preprocess(img).numpy() for img in images])
+        return self.image_session.run(None, {"pixels": pixels})[0]
+
+
+# ----------------------------------------------------------------------------- embeddings in and out
+def read_embeddings(source: str | os.PathLike, path_column: str = "image_path",
+                    vector_column: str = "embedding") -> tuple[list[str], np.ndarray]:
+    """clip-retrieval's layout (a folder with ``img_emb/*.npy`` + ``metadata/*.parquet``, matched by
+    sorted order), or one Parquet file with a path column and a vector column."""
+    import pyarrow.parquet as pq
+
+    source = Path(source)
+    if source.is_file():
+        table = pq.read_table(source)
+        for col in (path_column, vector_column):
+            if col not in table.column_names:
+                raise ValueError(f"{source}: no column {col!r} (columns: {', '.join(table.column_names)})")
+        paths = [str(p) for p in table.column(path_column).to_pylist()]
+        vectors = np.asarray(table.column(vector_column).to_pylist(), dtype=np.float32)
+        return paths, vectors
+    npys = sorted((source / "img_emb").glob("*.npy"))
+    metas = sorted((source / "metadata").glob("*.parquet"))
+    if not npys or len(npys) != len(metas):
+        raise ValueError(f"{source}: expected img_emb/*.npy and as many metadata/*.parquet files "
+                         f"(found {len(npys)} and {len(metas)})")
+    paths, parts = [], []
+    for npy, meta in zip(npys, metas):
+        vec = np.load(npy, allow_pickle=False)
+        table = pq.read_table(meta, columns=[path_column])
+        if len(table) != len(vec):
+            raise ValueError(f"{meta}: {len(table)} rows for {len(vec)} vectors in {npy}")
+        paths += [str(p) for p in table.column(path_column).to_pylist()]
+        parts.append(vec.astype(np.float32))
+    return paths, np.concatenate(parts)
+
+
+def write_embeddings(index_dir: str | os.PathLike, out: str | os.PathLike) -> int:
+    """An index's vectors and paths, in clip-retrieval's layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .index.build import read_manifest
+    from .index.catalog import Catalog
+
+    manifest = read_manifest(index_dir)
+    if manifest is None:
+        raise ValueError(f"{index_dir}: not a dualsearch index (no manifest.json)")
+    cat = Catalog(index_dir)
+    ids, vecs = cat.vectors(int(manifest["dim"]))
+    paths = cat.paths_for(ids)
+    cat.close()
+    out = Path(out)
+    (out / "img_emb").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    np.save(out / "img_emb" / "img_emb_0.npy", vecs.astype(np.float32))
+    pq.write_table(pa.table({"image_path": [paths[int(i)] for i in ids]}), out / "metadata" / "metadata_0.parquet")
+    (out / "model.json").write_text(json.dumps(manifest["model"], indent=2))
+    return len(ids)

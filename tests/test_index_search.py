@@ -206,3 +206,17 @@ def test_ann_kinds_reach_recall_target():
     assert ann.choose_kind(1000, 256) == "flat"
     assert ann.choose_kind(1_000_000, 256) == "hnsw"
     assert ann.choose_kind(100_000_000, 256) == "ivfpq"
+
+
+def test_text_queries_use_the_onnx_encoder_without_torch(tmp_path, collection, tiny_model):
+    out = tmp_path / "idx"
+    build_index(collection, tiny_model, out, num_workers=0, progress=False)
+    s = Searcher.open(out)
+    assert s.text_encoder is not None and s._model is None
+    for q in ("a red circle", "two blue stars above a green square on a pink background"):
+        np.testing.assert_allclose(s.text_vector(q), s.model.embed_texts([q])[0], atol=1e-5)
+    code = ("import sys, json; from dualsearch.search import Searcher; s = Searcher.open(sys.argv[1]); "
+            "r = s.search('a red circle', k=3); print(json.dumps([len(r), 'torch' in sys.modules, "
+            "'transformers' in sys.modules]))")
+    res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [3, False, False]

@@ -34,65 +34,80 @@ class _TextEncoder(nn.Module):
         return nn.functional.normalize(self.head(self.tower(dict(zip(self.names, tensors)))), dim=-1)
 
 
+def _text_meta(model, names: list[str]) -> dict:
+    tok = model.text_tower.tokenizer
+    return {"inputs": names, "max_length": model.text_tower.max_length, "siglip": model.text_tower.siglip,
+            "pad_id": tok.pad_token_id or 0}
+
+
+def export_text_encoder(model, out: str | os.PathLike, extra: dict | None = None) -> Path:
+    """text_encoder.onnx (tokens -> unit embeddings), tokenizer files and export.json in ``out``,
+    written to a temp folder and renamed into place."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sample = model.text_tower.tokenize(["a small red circle above two blue stars", "a picture"])
+    names = list(sample)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["embedding"] = {0: "batch"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TextEncoder(model, names).eval(), tuple(sample[n] for n in names),
+                          str(tmp / "text_encoder.onnx"), input_names=names, output_names=["embedding"],
+                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    model.text_tower.tokenizer.save_pretrained(tmp)
+    (tmp / "export.json").write_text(json.dumps({"format_version": 1, "embed_dim": model.config.embed_dim,
+                                                 "text": _text_meta(model, names), **(extra or {})}, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
 def export_onnx_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     from .engine import NormalizedImageEncoder
+    from .index.manifest import model_content_hash
     from .model.dual_encoder import DualEncoder
 
     model = DualEncoder.load(model_dir)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    prep = model.image_tower.preprocessor()
+    export_text_encoder(model, out, extra={
+        "image": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "resize": prep.resize},
+        "source_model": str(Path(model_dir).resolve()), "model_hash": model_content_hash(model_dir)})
     size = model.image_tower.image_size
-    sample = model.text_tower.tokenize(["a small red circle above two blue stars", "a picture"])
-    names = list(sample)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(NormalizedImageEncoder(model).eval(), (torch.zeros(2, 3, size, size),),
                           str(out / "image_encoder.onnx"), input_names=["pixels"], output_names=["embedding"],
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
                           dynamo=False)
-        axes = {n: {0: "batch", 1: "sequence"} for n in names}
-        axes["embedding"] = {0: "batch"}
-        torch.onnx.export(_TextEncoder(model, names).eval(), tuple(sample[n] for n in names),
-                          str(out / "text_encoder.onnx"), input_names=names, output_names=["embedding"],
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
-    model.text_tower.tokenizer.save_pretrained(out)
-    prep = model.image_tower.preprocessor()
-    (out / "export.json").write_text(json.dumps({
-        "format_version": 1, "embed_dim": model.config.embed_dim,
-        "image": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "resize": prep.resize},
-        "text": {"inputs": names, "max_length": model.text_tower.max_length, "siglip": model.text_tower.siglip},
-        "source_model": str(Path(model_dir).resolve()),
-    }, indent=2))
     return out
 
 
 class OnnxDualEncoder:
-    """Embeds texts and images with ONNX Runtime from an exported folder."""
+    """Embeds texts and images with ONNX Runtime from an exported folder (no torch model)."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
-        from transformers import AutoTokenizer
 
         from .model.towers import ImagePreprocessor
+        from .onnx_text import OnnxTextEncoder
 
         folder = Path(folder)
-        self.meta = json.loads((folder / "export.json").read_text())
+        self.text = OnnxTextEncoder(folder, threads)
+        self.meta = self.text.meta
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.image_session = ort.InferenceSession(str(folder / "image_encoder.onnx"), opts,
                                                   providers=["CPUExecutionProvider"])
-        self.text_session = ort.InferenceSession(str(folder / "text_encoder.onnx"), opts,
-                                                 providers=["CPUExecutionProvider"])
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
         im = self.meta["image"]
         self.preprocess = ImagePreprocessor(im["size"], tuple(im["mean"]), tuple(im["std"]), im["resize"])
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        t = self.meta["text"]
-        tokens = self.tokenizer(list(texts), padding="max_length" if t["siglip"] else True, truncation=True,
-                                max_length=t["max_length"], return_tensors="np")
-        feed = {name: tokens[name].astype(np.int64) for name in t["inputs"]}
-        return self.text_session.run(None, feed)[0]
+        return self.text.embed(texts)
 
     def embed_images(self, images: Sequence) -> np.ndarray:
         """PIL images -> unit embeddings."""

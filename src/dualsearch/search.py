@@ -21,9 +21,8 @@ import numpy as np
 
 from .data.images import load_image
 from .index import ann
-from .index.build import ANN_FILE, IndexError_, read_manifest
 from .index.catalog import Catalog
-from .model.dual_encoder import DualEncoder, ModelError, model_content_hash
+from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, model_content_hash, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,21 @@ class Result:
 
 
 class Searcher:
-    def __init__(self, folder: Path, manifest: dict, model: DualEncoder, index, catalog: Catalog):
+    """Text queries go through the index's ONNX text encoder when it has one (no torch import);
+    the torch model is loaded on first need (image queries, or an index without the encoder)."""
+
+    def __init__(self, folder: Path, manifest: dict, model_path: Path, index, catalog: Catalog):
         self.folder = folder
         self.manifest = manifest
-        self.model = model
+        self.model_path = model_path
         self.index = index
         self.catalog = catalog
         self.dim = int(manifest["dim"])
-        self.lock = threading.RLock()  # one query at a time: SQLite connection, torch model
+        self.lock = threading.RLock()  # one query at a time: SQLite connection, models
+        self._model = None
+        from .onnx_text import load_if_present
+
+        self.text_encoder = load_if_present(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"])
 
     @classmethod
     def open(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None) -> "Searcher":
@@ -64,18 +70,34 @@ class Searcher:
         if got != manifest["model"]["hash"]:
             raise IndexError_(f"{folder}: built with model hash {manifest['model']['hash']}, but {model_path} "
                               f"has hash {got}; re-index with this model or open the index with its own")
-        dual = DualEncoder.load(model_path)
         index = ann.read(folder / ANN_FILE, manifest["ann"].get("params"))
-        if index.d != manifest["dim"] or dual.config.embed_dim != manifest["dim"]:
-            raise IndexError_(f"{folder}: dimension mismatch between index ({index.d}) and model "
-                              f"({dual.config.embed_dim})")
-        return cls(folder, manifest, dual, index, Catalog(folder))
+        if index.d != manifest["dim"]:
+            raise IndexError_(f"{folder}: dimension mismatch between index ({index.d}) and manifest "
+                              f"({manifest['dim']})")
+        return cls(folder, manifest, model_path, index, Catalog(folder))
+
+    @property
+    def model(self):
+        """The torch dual encoder, loaded on first use."""
+        if self._model is None:
+            from .model.dual_encoder import DualEncoder
+
+            with self.lock:
+                if self._model is None:
+                    self._model = DualEncoder.load(self.model_path)
+        return self._model
+
+    @property
+    def image_size(self) -> int:
+        return self.model.image_tower.image_size
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
     # ------------------------------------------------------------------ query vectors
     def text_vector(self, text: str) -> np.ndarray:
+        if self.text_encoder is not None:
+            return self.text_encoder.embed([text])[0]
         return self.model.embed_texts([text])[0]
 
     def image_vector(self, image) -> np.ndarray:

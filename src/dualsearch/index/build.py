@@ -22,21 +22,14 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.captions import list_images
-from ..model.dual_encoder import DualEncoder, model_content_hash
+from ..model.dual_encoder import DualEncoder
+from .manifest import (ANN_FILE, MANIFEST_FILE, MANIFEST_VERSION, TEXT_ENCODER_DIR, IndexError_,  # noqa: F401
+                       model_content_hash, read_manifest, write_manifest)
 from ..train.features import image_loader
 from . import ann
 from .catalog import Catalog
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"
-ANN_FILE = "vectors.faiss"
-MANIFEST_VERSION = 1
-
-
-class IndexError_(ValueError):
-    """An index folder that cannot be used as asked (name avoids the builtin)."""
-
 
 @dataclass
 class IndexReport:
@@ -59,22 +52,6 @@ class IndexReport:
         engine = f", {self.engine}" if self.engine else ""
         return (f"{self.found} images found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
                 f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
-
-
-def read_manifest(folder: str | os.PathLike) -> dict | None:
-    path = Path(folder) / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise IndexError_(f"{path}: damaged manifest ({e})") from e
-
-
-def _write_manifest(folder: Path, doc: dict) -> None:
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST_FILE)
 
 
 def _check_model(catalog: Catalog, model_hash: str, model_path: str) -> None:
@@ -201,10 +178,39 @@ def embed_files(model: DualEncoder, catalog: Catalog, todo: list[tuple[str, int,
     log.info("embedded %d images in %.1f s (%s)", len(todo), report.embed_seconds, used)
 
 
+def ensure_text_encoder(out: Path, model: DualEncoder, model_hash: str) -> None:
+    """Export the model's text encoder to ONNX inside the index (once per model), so that queries
+    are answered without torch. A model that does not export is searched through torch."""
+    from ..export import export_text_encoder
+
+    folder = out / TEXT_ENCODER_DIR
+    try:
+        if json.loads((folder / "export.json").read_text()).get("model_hash") == model_hash:
+            return
+    except (OSError, ValueError):
+        pass
+    import shutil
+
+    from ..onnx_text import OnnxTextEncoder
+
+    probe = ["a red circle", "two small blue stars above a large green square on a pink background", "x"]
+    try:
+        export_text_encoder(model, folder, extra={"model_hash": model_hash})
+        diff = float(np.abs(OnnxTextEncoder(folder).embed(probe) - model.embed_texts(probe)).max())
+    except Exception as e:  # an exotic tower the exporter cannot trace: torch answers queries
+        log.warning("could not export the text encoder to ONNX (%s); search will use torch", e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    if diff > 1e-3:
+        log.warning("the ONNX text encoder differs from torch by %.2g; search will use torch", diff)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def finish(catalog: Catalog, out: Path, model: DualEncoder, model_path: str, model_hash: str, kind: str,
            memory_budget: float, report: IndexReport) -> None:
     """(Re)build the ANN index when the catalog changed since it was last built, and the manifest."""
     dim = model.config.embed_dim
+    ensure_text_encoder(out, model, model_hash)
     manifest = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
     stale = (manifest is None or manifest.get("generation") != catalog.generation
              or not (out / ANN_FILE).is_file() or (kind != "auto" and manifest["ann"]["kind"] != kind))
@@ -214,7 +220,7 @@ def finish(catalog: Catalog, out: Path, model: DualEncoder, model_path: str, mod
     ids, vecs = catalog.vectors(dim)
     built = ann.build(vecs, ids, kind, memory_budget)
     ann.write(built.index, out / ANN_FILE)
-    _write_manifest(out, {
+    write_manifest(out, {
         "format_version": MANIFEST_VERSION, "model": {"path": model_path, "hash": model_hash},
         "dim": dim, "metric": "inner_product", "count": int(len(ids)), "generation": catalog.generation,
         "images_root": catalog.get_meta("images_root"),

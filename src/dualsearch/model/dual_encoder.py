@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
+from ..index.manifest import model_content_hash
 from .heads import ProjectionHead
 from .losses import clip_loss, seed_loss, siglip_loss
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
@@ -217,15 +218,6 @@ def read_model_config(folder: str | os.PathLike) -> dict:
         raise ModelError(f"{path}: model format {doc.get('format_version')} is not supported "
                          f"(this dualsearch reads {FORMAT_VERSION})")
     return doc
-
-
-def model_content_hash(folder: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(Path(folder) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -104,7 +104,7 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
         try:
-            img = load_image(data, target_size=searcher.model.image_tower.image_size)
+            img = load_image(data, target_size=searcher.image_size)
         except ImageLoadError as e:
             raise HTTPException(400, f"{file.filename}: {e.reason}") from e
         return SearchResponse(query=q or "", results=hits(searcher.search(q, k=k, image=img)))

@@ -1,0 +1,71 @@
+"""A text encoder exported to ONNX, run with ONNX Runtime and the `tokenizers` library alone.
+
+`dualsearch search` and `serve` use it for text queries when the index holds one (written at
+index time), so that answering a query never imports torch or transformers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class OnnxTextEncoder:
+    """``embed(texts) -> [N, D]`` unit vectors, from a folder with text_encoder.onnx, tokenizer.json
+    and export.json."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        folder = Path(folder)
+        self.meta = json.loads((folder / "export.json").read_text())
+        text = self.meta["text"]
+        self.inputs = list(text["inputs"])
+        self.max_length = int(text["max_length"])
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_length)
+        pad_id = int(text.get("pad_id") or 0)
+        if text.get("siglip"):
+            self.tokenizer.enable_padding(length=self.max_length, pad_id=pad_id)
+        else:
+            self.tokenizer.enable_padding(pad_id=pad_id)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(folder / "text_encoder.onnx"), opts,
+                                            providers=["CPUExecutionProvider"])
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(list(texts))
+        over = [t for t, e in zip(texts, encodings) if e.overflowing]
+        if over:
+            log.warning("%d text(s) longer than the text tower's %d tokens were truncated, e.g. %r", len(over),
+                        self.max_length, over[0][:80])
+        arrays = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings],
+                  "token_type_ids": [e.type_ids for e in encodings]}
+        feed = {name: np.asarray(arrays[name], dtype=np.int64) for name in self.inputs}
+        return self.session.run(None, feed)[0]
+
+
+def load_if_present(folder: str | os.PathLike, model_hash: str) -> OnnxTextEncoder | None:
+    """The encoder in ``folder`` if it was exported from the model with ``model_hash``."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "export.json").read_text())
+        if meta.get("model_hash") != model_hash or not (folder / "tokenizer.json").is_file():
+            return None
+        return OnnxTextEncoder(folder)
+    except (OSError, ValueError, ImportError) as e:
+        log.debug("no ONNX text encoder in %s (%s)", folder, e)
+        return None
+    except Exception as e:  # onnxruntime raises its own error types for damaged files
+        log.warning("%s: cannot load the ONNX text encoder (%s); using torch", folder, e)
+        return None

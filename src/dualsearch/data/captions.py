@@ -251,15 +251,21 @@ def _check_tail(shard: str, offset: int, file_size: int, skipped: SkipLog) -> No
 def read_webdataset(shards: str | os.PathLike | Sequence[str],
                     captions_per_image: int | None = None) -> CaptionDataset:
     """WebDataset tar shards: ``key.jpg|png|webp`` + ``key.txt`` (one caption a line)."""
-    paths = expand_shards(shards)
-    if not paths:
-        raise DataError(f"{shards}: no WebDataset shards found")
+    return _read_containers(expand_shards(shards), _scan_shard, str(shards), "WebDataset shards",
+                            captions_per_image)
+
+
+def _read_containers(files: Sequence[str], scan, source: str, what: str,
+                     captions_per_image: int | None) -> CaptionDataset:
+    """Records from container files (tar shards, TFRecords) that ``scan`` adds into shared groups."""
+    if not files:
+        raise DataError(f"{source}: no {what} found")
     skipped = SkipLog()
     groups: OrderedDict[str, list] = OrderedDict()
     refs: dict[str, ImageRef] = {}
-    for shard in paths:
-        _scan_shard(shard, groups, refs, skipped)
-    return _finish(groups, refs, skipped, str(shards), captions_per_image)
+    for f in files:
+        scan(f, groups, refs, skipped)
+    return _finish(groups, refs, skipped, source, captions_per_image)
 
 
 def list_images(root: str | os.PathLike, exclude: Sequence[str] = ()) -> list[Path]:
@@ -299,15 +305,8 @@ def read_tfrecords(source: str | os.PathLike, captions_per_image: int | None = N
     """The reference's TFRecord shards (see :mod:`dualsearch.data.tfrecord`)."""
     from .tfrecord import expand_tfrecords, scan_tfrecord
 
-    files = expand_tfrecords(source)
-    if not files:
-        raise DataError(f"{source}: no TFRecord files found")
-    skipped = SkipLog()
-    groups: OrderedDict[str, list] = OrderedDict()
-    refs: dict[str, ImageRef] = {}
-    for f in files:
-        scan_tfrecord(f, groups, refs, skipped)
-    return _finish(groups, refs, skipped, str(source), captions_per_image)
+    return _read_containers(expand_tfrecords(source), scan_tfrecord, str(source), "TFRecord files",
+                            captions_per_image)
 
 
 def _hf_files(source: str) -> list[str]:

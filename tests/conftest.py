@@ -65,3 +65,18 @@ def tiny_model_config(tiny_text_model, tiny_vision_model):
 
     return ModelConfig(image_tower=f"hf:{tiny_vision_model}", text_tower=f"hf:{tiny_text_model}",
                        embed_dim=16, head_layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, shapes_data, tiny_model_config):
+    """A tiny dual encoder trained for 2 epochs on the generated data (a saved model folder)."""
+    from dualsearch.config import TrainConfig
+    from dualsearch.data.captions import read_dataset
+    from dualsearch.train.fit import fit
+
+    captions, root = shapes_data
+    ds = read_dataset(captions, root)
+    d = tmp_path_factory.mktemp("tiny-model")
+    fit(tiny_model_config, TrainConfig(epochs=2, batch_size=32), ds.records[:100], ds.records[100:], d / "m",
+        cache_dir=None, use_cache=False, progress=False, num_workers=0)
+    return d / "m"

@@ -11,23 +11,10 @@ import pytest
 from PIL import Image
 
 from dualsearch.cli import main
-from dualsearch.config import TrainConfig
-from dualsearch.data.captions import read_dataset
 from dualsearch.index import ann
 from dualsearch.index.build import IndexError_, build_index
 from dualsearch.index.catalog import Catalog
 from dualsearch.search import Searcher
-from dualsearch.train.fit import fit
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, shapes_data, tiny_model_config):
-    captions, root = shapes_data
-    ds = read_dataset(captions, root)
-    d = tmp_path_factory.mktemp("model")
-    fit(tiny_model_config, TrainConfig(epochs=2, batch_size=32), ds.records[:100], ds.records[100:], d / "m",
-        cache_dir=None, use_cache=False, progress=False, num_workers=0)
-    return d / "m"
 
 
 @pytest.fixture()

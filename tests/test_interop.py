@@ -142,17 +142,9 @@ def test_training_from_tfrecord_and_hf(tmp_path, fmt, tiny_text_model, tiny_visi
     assert json.loads(capsys.readouterr().out)["images"] == 60
 
 
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory, tiny_model_config, shapes_data):
-    from dualsearch.config import TrainConfig
-    from dualsearch.train.fit import fit
-
-    captions, root = shapes_data
-    ds = read_dataset(captions, root)
-    d = tmp_path_factory.mktemp("interop")
-    fit(tiny_model_config, TrainConfig(epochs=1, batch_size=32), ds.records[:60], [], d / "m", cache_dir=None,
-        use_cache=False, progress=False, num_workers=0)
-    return d / "m"
+@pytest.fixture()
+def small_model(tiny_model):
+    return tiny_model
 
 
 def test_onnx_export_parity(tmp_path, small_model, shapes_data):

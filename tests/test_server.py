@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dualsearch.config import TrainConfig
-from dualsearch.data.captions import read_dataset
 from dualsearch.index.build import build_index
 from dualsearch.search import Searcher
-from dualsearch.train.fit import fit
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -23,12 +20,9 @@ from dualsearch.server.app import create_app  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def served_index(tmp_path_factory, shapes_data, tiny_model_config):
-    captions, root = shapes_data
-    ds = read_dataset(captions, root)
+def served_index(tmp_path_factory, shapes_data, tiny_model):
+    _, root = shapes_data
     d = tmp_path_factory.mktemp("serve")
-    fit(tiny_model_config, TrainConfig(epochs=2, batch_size=32), ds.records[:100], ds.records[100:], d / "m",
-        cache_dir=None, use_cache=False, progress=False, num_workers=0)
     col = d / "collection"
     col.mkdir()
     for p in sorted((root / "images").glob("*.jpg"))[:30]:
@@ -36,7 +30,7 @@ def served_index(tmp_path_factory, shapes_data, tiny_model_config):
     secret = d / "secret.jpg"
     shutil.copy(sorted((root / "images").glob("*.jpg"))[40], secret)
     (col / "escape.jpg").symlink_to(secret)  # a link out of the collection: indexed, never served
-    build_index(col, d / "m", d / "idx", num_workers=0, progress=False)
+    build_index(col, tiny_model, d / "idx", num_workers=0, progress=False)
     return d / "idx", col
 
 

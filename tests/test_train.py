@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from dualsearch.cli import main
-from dualsearch.config import ModelConfig, TrainConfig
+from dualsearch.config import TrainConfig
 from dualsearch.data.captions import read_dataset, split_records
 from dualsearch.data.records import ImageCaption, ImageRef
 from dualsearch.embed import embed_records
 from dualsearch.model.dual_encoder import DualEncoder, ModelError
 from dualsearch.model.towers import TowerError, build_image_tower, build_text_tower
-from dualsearch.train.features import FeatureCache, compute_image_features, image_key
+from dualsearch.train.features import FeatureCache, compute_image_features
 from dualsearch.train.fit import fit
 
 

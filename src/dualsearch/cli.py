@@ -80,7 +80,7 @@ def _cache_dir(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .data.captions import split_records
-    from .model.dual_encoder import DualEncoder, ModelError
+    from .model.dual_encoder import ModelError
     from .model.towers import TowerError
     from .train.fit import fit, recipe
 

@@ -7,7 +7,6 @@ rebuilt from their spec; their fingerprints are recorded so that a changed tower
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +48,8 @@ def export_onnx(module: nn.Module, path: Path, image_size: int) -> None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     dummy = torch.zeros(2, 3, image_size, image_size)
     module = module.eval().cpu()
-    with torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
         torch.onnx.export(module, (dummy,), str(tmp), input_names=["pixels"], output_names=["embedding"],
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
                           dynamo=False)
@@ -62,11 +64,7 @@ def onnx_forward(module: nn.Module, key: str, image_size: int, cache_dir: str | 
     path = Path(cache_dir) / "onnx" / f"{key}.onnx"
     try:
         if not path.is_file():
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                export_onnx(module, path, image_size)
+            export_onnx(module, path, image_size)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.log_severity_level = 3
@@ -110,16 +108,35 @@ def image_forward(module: nn.Module, key: str, image_size: int, engine: str = "a
 TextForward = Callable[[dict], np.ndarray]
 
 
-class _TokensToFeatures(nn.Module):
-    """Positional-argument wrapper so that a text tower exports with named token inputs."""
+class _TokenInputs(nn.Module):
+    """Positional-argument wrapper so that a module over a token dict exports with named inputs."""
 
-    def __init__(self, tower: nn.Module, names: list[str]):
+    def __init__(self, module: nn.Module, names: list[str]):
         super().__init__()
-        self.tower = tower
+        self.module = module
         self.names = names
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.tower(dict(zip(self.names, tensors)))
+        return self.module(dict(zip(self.names, tensors)))
+
+
+def export_text_onnx(module: nn.Module, tokenize: Callable, path: Path) -> list[str]:
+    """Export ``module`` (token dict -> [B, D]) with the token inputs ``tokenize`` produces, dynamic
+    batch and sequence axes, atomically. Returns the input names."""
+    sample = tokenize(["a small red circle above two blue stars", "a picture"])
+    names = list(sample)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["embedding"] = {0: "batch"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # the wrapper is put in eval mode too: export restores its mode onto the module afterwards
+        torch.onnx.export(_TokenInputs(module, names).eval(), tuple(sample[n] for n in names), str(tmp),
+                          input_names=names, output_names=["embedding"], dynamic_axes=axes, opset_version=17,
+                          dynamo=False)
+    os.replace(tmp, path)
+    return names
 
 
 def text_forward(tower, key: str, engine: str = "auto", device: str = "cpu",
@@ -137,25 +154,12 @@ def text_forward(tower, key: str, engine: str = "auto", device: str = "cpu",
         return run_torch, "torch"
     from .train.features import default_cache_dir
 
-    sample = tower.tokenize(["a small red circle above two blue stars", "a picture"])
-    names = list(sample)
     path = Path(cache_dir or default_cache_dir()) / "onnx" / f"text-{key}.onnx"
     try:
         import onnxruntime as ort
 
         if not path.is_file():
-            import warnings
-
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-            axes = {n: {0: "batch", 1: "sequence"} for n in names}
-            axes["features"] = {0: "batch"}
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(_TokensToFeatures(tower, names).eval(), tuple(sample[n] for n in names), str(tmp),
-                                  input_names=names, output_names=["features"], dynamic_axes=axes,
-                                  opset_version=17, dynamo=False)
-            os.replace(tmp, path)
+            export_text_onnx(tower, tower.tokenize, path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
         opts.log_severity_level = 3
@@ -174,6 +178,18 @@ def text_forward(tower, key: str, engine: str = "auto", device: str = "cpu",
         return session.run(None, {k: v.cpu().numpy() for k, v in tokens.items()})[0]
 
     return run_onnx, "onnx"
+
+
+class NormalizedTextEncoder(nn.Module):
+    """Text tower + head + L2 normalisation over a token dict (what queries are embedded with)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.tower = model.text_tower
+        self.head = model.text_head
+
+    def forward(self, tokens: dict) -> torch.Tensor:
+        return nn.functional.normalize(self.head(self.tower(tokens)), dim=-1)
 
 
 class NormalizedImageEncoder(nn.Module):

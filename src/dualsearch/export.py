@@ -14,24 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 log = logging.getLogger(__name__)
-
-
-class _TextEncoder(nn.Module):
-    def __init__(self, model, names: list[str]):
-        super().__init__()
-        self.tower, self.head, self.names = model.text_tower, model.text_head, names
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.head(self.tower(dict(zip(self.names, tensors)))), dim=-1)
 
 
 def _text_meta(model, names: list[str]) -> dict:
@@ -49,15 +38,9 @@ def export_text_encoder(model, out: str | os.PathLike, extra: dict | None = None
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    sample = model.text_tower.tokenize(["a small red circle above two blue stars", "a picture"])
-    names = list(sample)
-    axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes["embedding"] = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_TextEncoder(model, names).eval(), tuple(sample[n] for n in names),
-                          str(tmp / "text_encoder.onnx"), input_names=names, output_names=["embedding"],
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    from .engine import NormalizedTextEncoder, export_text_onnx
+
+    names = export_text_onnx(NormalizedTextEncoder(model), model.text_tower.tokenize, tmp / "text_encoder.onnx")
     model.text_tower.tokenizer.save_pretrained(tmp)
     (tmp / "export.json").write_text(json.dumps({"format_version": 1, "embed_dim": model.config.embed_dim,
                                                  "text": _text_meta(model, names), **(extra or {})}, indent=2))
@@ -67,7 +50,7 @@ def export_text_encoder(model, out: str | os.PathLike, extra: dict | None = None
 
 
 def export_onnx_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    from .engine import NormalizedImageEncoder
+    from .engine import NormalizedImageEncoder, export_onnx
     from .index.manifest import model_content_hash
     from .model.dual_encoder import DualEncoder
 
@@ -77,13 +60,7 @@ def export_onnx_model(model_dir: str | os.PathLike, out: str | os.PathLike) -> P
     export_text_encoder(model, out, extra={
         "image": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "resize": prep.resize},
         "source_model": str(Path(model_dir).resolve()), "model_hash": model_content_hash(model_dir)})
-    size = model.image_tower.image_size
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(NormalizedImageEncoder(model).eval(), (torch.zeros(2, 3, size, size),),
-                          str(out / "image_encoder.onnx"), input_names=["pixels"], output_names=["embedding"],
-                          dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+    export_onnx(NormalizedImageEncoder(model), out / "image_encoder.onnx", model.image_tower.image_size)
     return out
 
 

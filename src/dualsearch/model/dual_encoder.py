@@ -6,7 +6,6 @@ rebuilt from their spec; their fingerprints are recorded so that a changed tower
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
-from ..index.manifest import model_content_hash
 from .heads import ProjectionHead
 from .losses import clip_loss, seed_loss, siglip_loss
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
@@ -189,13 +187,6 @@ class DualEncoder(nn.Module):
         model.folder = folder
         return model.to(device).eval()
 
-    def content_hash(self) -> str:
-        """A short hash of the saved weights + config (recorded by indexes)."""
-        folder = getattr(self, "folder", None)
-        if folder is None:
-            raise ModelError("model has not been saved")
-        return model_content_hash(folder)
-
 
 def resolve_spec(spec: str, folder: str | os.PathLike | None) -> str:
     """``hf:./sub`` names a folder inside the model folder (an imported model travels with it)."""
@@ -223,10 +214,3 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def no_grad_if_frozen(module: nn.Module):
-    frozen = not any(p.requires_grad for p in module.parameters())
-    with torch.no_grad() if frozen else contextlib.nullcontext():
-        yield

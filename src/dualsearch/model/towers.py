@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -390,7 +389,3 @@ def build_text_tower(spec: str, pooling: str = "auto", max_length: int = 64) -> 
     if spec.startswith("hf:"):
         return TextTower(spec[3:], pooling=pooling, max_length=max_length)
     raise TowerError(f"unknown text tower {spec!r}: use minilm-l6 or hf:<id or path>")
-
-
-def is_local_spec(spec: str) -> bool:
-    return spec.startswith("hf:") and os.path.isdir(spec[3:])

@@ -104,8 +104,8 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
         files = list_images(images_dir, exclude)
         todo, unchanged, gone = plan(catalog, files)
         report = IndexReport(found=len(files), unchanged=unchanged, removed=catalog.remove(gone))
-        embed_files(model, catalog, todo, report, batch_size, num_workers, commit_every, progress, max_pixels,
-                    engine)
+        embed_files(model, model_hash, catalog, todo, report, batch_size, num_workers, commit_every, progress,
+                    max_pixels, engine)
         report.seconds = time.perf_counter() - t0
         report.skipped = [(p, r) for p, r in catalog.skipped()]
         with catalog.db:
@@ -135,27 +135,28 @@ def index_vectors(out: str | os.PathLike, model_path: str | os.PathLike, paths: 
     vectors = vectors / np.maximum(norms, 1e-12)
     catalog = Catalog(out, create=True)
     try:
-        _check_model(catalog, model_content_hash(model_path), model_path)
+        model_hash = model_content_hash(model_path)
+        _check_model(catalog, model_hash, model_path)
         for s in range(0, len(paths), batch):
             catalog.write_batch([(p, 0, 0, v) for p, v in zip(paths[s:s + batch], vectors[s:s + batch])], [])
         with catalog.db:
             catalog.set_meta("images_root", os.path.abspath(images_root) if images_root else "")
         report = IndexReport(found=len(paths), added=len(paths), seconds=time.perf_counter() - t0)
-        finish(catalog, out, model, model_path, model_content_hash(model_path), kind, memory_budget, report)
+        finish(catalog, out, model, model_path, model_hash, kind, memory_budget, report)
     finally:
         catalog.close()
     return report
 
 
-def embed_files(model: DualEncoder, catalog: Catalog, todo: list[tuple[str, int, int]], report: IndexReport,
-                batch_size: int, num_workers: int | None, commit_every: int, progress: bool,
+def embed_files(model: DualEncoder, model_hash: str, catalog: Catalog, todo: list[tuple[str, int, int]],
+                report: IndexReport, batch_size: int, num_workers: int | None, commit_every: int, progress: bool,
                 max_pixels: int | None = None, engine: str = "auto") -> None:
     """Embed ``todo`` in batches, committing every ``commit_every`` files."""
     if not todo:
         return
     from ..engine import NormalizedImageEncoder, image_forward
 
-    forward, used = image_forward(NormalizedImageEncoder(model), f"encoder-{model_content_hash(model.folder)}",
+    forward, used = image_forward(NormalizedImageEncoder(model), f"encoder-{model_hash}",
                                   model.image_tower.image_size, engine, str(model.device))
     loader = image_loader([t[0] for t in todo], model.image_tower, batch_size, num_workers, max_pixels)
     good, bad = [], []

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -99,29 +100,32 @@ def recall_at(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int
     return hits / max(1, (truth >= 0).sum())
 
 
-def tune(index: faiss.Index, kind: str, vectors: np.ndarray, ids: np.ndarray, target: float = 0.95,
-         n_queries: int = 500, seed: int = 0) -> tuple[dict, float]:
-    """Smallest search parameters reaching ``target`` recall@10 against exact search, measured
-    with queries near the collection's own vectors (noised copies of a sample)."""
-    if kind == "flat" or len(vectors) == 0:
+def exact_knn(queries: np.ndarray, batches: "Batches", k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner-product neighbours (scores, ids) of ``queries`` over vectors given in
+    blocks, holding one block at a time (FAISS's ResultHeap merges the per-block results)."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    flat = faiss.IndexFlatIP(queries.shape[1])
+    for ids, vecs in batches():
+        flat.add(np.ascontiguousarray(vecs, dtype=np.float32))
+        d, pos = flat.search(queries, k)
+        flat.reset()
+        heap.add_result(d, np.where(pos >= 0, np.asarray(ids, np.int64)[np.clip(pos, 0, None)], -1))
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def tune(index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, target: float = 0.95
+         ) -> tuple[dict, float]:
+    """Smallest search parameters reaching ``target`` recall@10 against the exact neighbours
+    ``truth`` of ``queries``."""
+    if kind == "flat" or len(queries) == 0:
         return {}, 1.0
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(vectors), size=min(n_queries, len(vectors)), replace=False)
-    dim = vectors.shape[1]
-    # queries near, not at, stored vectors: noise of norm ~0.5 (text queries sit about that far
-    # from the images they match)
-    q = vectors[pick] + rng.normal(scale=0.5 / np.sqrt(dim), size=(len(pick), dim)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(vectors)
-    _, pos = exact.search(q, 10)
-    truth = np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
     nlist = faiss.extract_index_ivf(faiss.downcast_index(_inner(index)).base_index).nlist \
         if kind == "ivfpq" else 1
     best, best_recall = None, 0.0
     for params in candidate_params(kind, nlist):
         set_params(index, params)
-        r = recall_at(index, q, truth)
+        r = recall_at(index, queries, truth)
         if r > best_recall:
             best, best_recall = params, r
         if r >= target + 0.01:  # a small margin over the sample's noise
@@ -134,19 +138,64 @@ def tune(index: faiss.Index, kind: str, vectors: np.ndarray, ids: np.ndarray, ta
     return best, best_recall
 
 
+def tuning_queries(sample: np.ndarray, n_queries: int = 500, seed: int = 0) -> np.ndarray:
+    """Queries near, not at, stored vectors: noise of norm ~0.5 (text queries sit about that far
+    from the images they match)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(sample), size=min(n_queries, len(sample)), replace=False)
+    dim = sample.shape[1]
+    q = sample[pick] + rng.normal(scale=0.5 / np.sqrt(dim), size=(len(pick), dim)).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
 @dataclass
 class BuiltIndex:
     index: faiss.Index
     kind: str
     params: dict
     recall: float
+    seconds: dict = field(default_factory=dict)  # train / add / tune
 
 
-def build(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", memory_budget_bytes: float = 8e9,
-          target_recall: float = 0.95) -> BuiltIndex:
-    """Build, fill and tune an index from unit vectors ``[N, D]`` and their ids ``[N]``."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = vectors.shape
+Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+
+
+def blocks(vectors: np.ndarray, ids: np.ndarray, size: int = 65536) -> Batches:
+    """In-memory vectors as a re-iterable source of (ids, vectors) blocks."""
+    return lambda: ((ids[s:s + size], vectors[s:s + size]) for s in range(0, len(vectors), size))
+
+
+def training_size(kind: str, n: int, dim: int) -> int:
+    """Vectors to train on: IVF wants >= 39 per list (FAISS warns below), capped at 1M."""
+    if kind != "ivfpq":
+        return min(n, 500)  # only the tuning queries are drawn from it
+    return min(n, max(256 * 1024, min(40 * ivf_lists(n), 1 << 20)))
+
+
+def _gather(batches: Batches, positions: np.ndarray, dim: int) -> np.ndarray:
+    """The vectors at sorted ``positions`` of the stream, in one pass."""
+    out = np.empty((len(positions), dim), np.float32)
+    start = got = 0
+    for _, vecs in batches():
+        stop = start + len(vecs)
+        hi = np.searchsorted(positions, stop)
+        if hi > got:
+            out[got:hi] = vecs[positions[got:hi] - start]
+            got = hi
+        start = stop
+    if got != len(positions):
+        raise ANNError(f"the vector source ended after {start} vectors; {positions[-1] + 1} expected")
+    return out
+
+
+def build_stream(batches: Batches, n: int, dim: int, kind: str = "auto", memory_budget_bytes: float = 8e9,
+                 target_recall: float = 0.95, seed: int = 0) -> BuiltIndex:
+    """Build, fill and tune an index from unit vectors read block by block from ``batches`` (called
+    once per pass; ``n`` vectors in all), never holding more than one block beside the index: a
+    training sample is gathered in one pass, the vectors are added in a second, and the exact
+    neighbours of the tuning queries are computed in a third."""
+    import time
+
     auto = kind == "auto"
     if auto:
         kind = choose_kind(n, dim, memory_budget_bytes)
@@ -154,19 +203,47 @@ def build(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", memory_budge
         log.warning("ivfpq needs a few thousand vectors to train; %d given, using flat", n)
         kind = "flat"
     index = new_index(kind, dim, n)
-    if n:
-        rng = np.random.default_rng(0)
-        sample = vectors[rng.choice(n, size=min(n, 256 * 1024), replace=False)]
-        train_index(index, sample)
-        index.add_with_ids(vectors, np.asarray(ids, dtype=np.int64))
-    params, recall = tune(index, kind, vectors, np.asarray(ids, dtype=np.int64), target_recall)
+    seconds = {}
+    if n == 0:
+        return BuiltIndex(index, kind, {}, 1.0, seconds)
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(n, size=training_size(kind, n, dim), replace=False))
+    sample = _gather(batches, positions, dim)
+    train_index(index, sample)
+    seconds["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    added = 0
+    for ids, vecs in batches():
+        index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        added += len(vecs)
+    if added != n:
+        raise ANNError(f"the vector source gave {added} vectors; {n} expected")
+    seconds["add"] = time.perf_counter() - t
+    t = time.perf_counter()
+    params, recall = {}, 1.0
+    if kind != "flat":
+        queries = tuning_queries(sample, seed=seed)
+        del sample
+        _, truth = exact_knn(queries, batches, 10)
+        params, recall = tune(index, kind, queries, truth, target_recall)
+    seconds["tune"] = time.perf_counter() - t
     if auto and recall < target_recall and n * dim * 4 <= memory_budget_bytes:
         # vectors without neighbourhood structure defeat every ANN index: stay exact rather than
         # answer with low recall
         log.warning("%s reaches recall@10 %.3f < %.2f on this collection; using exact search", kind, recall,
                     target_recall)
-        return build(vectors, ids, "flat", memory_budget_bytes, target_recall)
-    return BuiltIndex(index, kind, params, recall)
+        return build_stream(batches, n, dim, "flat", memory_budget_bytes, target_recall, seed)
+    return BuiltIndex(index, kind, params, recall, seconds)
+
+
+def build(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", memory_budget_bytes: float = 8e9,
+          target_recall: float = 0.95) -> BuiltIndex:
+    """Build, fill and tune an index from in-memory unit vectors ``[N, D]`` and their ids ``[N]``."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.asarray(ids, dtype=np.int64)
+    return build_stream(blocks(vectors, ids), len(vectors), vectors.shape[1], kind, memory_budget_bytes,
+                        target_recall)
 
 
 def write(index: faiss.Index, path: str | os.PathLike) -> None:

@@ -218,14 +218,14 @@ def finish(catalog: Catalog, out: Path, model: DualEncoder, model_path: str, mod
     if not stale:
         report.kind, report.count = manifest["ann"]["kind"], manifest["count"]
         return
-    ids, vecs = catalog.vectors(dim)
-    built = ann.build(vecs, ids, kind, memory_budget)
+    n = catalog.count()
+    built = ann.build_stream(lambda: catalog.iter_vectors(dim), n, dim, kind, memory_budget)
     ann.write(built.index, out / ANN_FILE)
     write_manifest(out, {
         "format_version": MANIFEST_VERSION, "model": {"path": model_path, "hash": model_hash},
-        "dim": dim, "metric": "inner_product", "count": int(len(ids)), "generation": catalog.generation,
+        "dim": dim, "metric": "inner_product", "count": n, "generation": catalog.generation,
         "images_root": catalog.get_meta("images_root"),
         "ann": {"kind": built.kind, "params": built.params, "tuned_recall_at_10": round(built.recall, 4)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    report.kind, report.count = built.kind, int(len(ids))
+    report.kind, report.count = built.kind, n

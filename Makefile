@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean chromium
+.PHONY: demo test bench venv clean chromium java
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -28,7 +28,13 @@ chromium:
 	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "warning: could not install chromium; the browser test will be skipped"; }
 
-test: $(STAMP) chromium
+# A headless Java 17 runtime for Spark (pyspark 4 runs its JVM in local mode for the tests)
+java:
+	@command -v java >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || \
+	  { echo "error: Spark needs Java 17+: apt-get install openjdk-17-jre-headless"; exit 1; }
+
+test: $(STAMP) chromium java
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)

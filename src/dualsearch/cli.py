@@ -189,12 +189,27 @@ def cmd_index(args: argparse.Namespace) -> None:
     from .model.dual_encoder import ModelError
     from .model.towers import TowerError
 
+    from .index.spark import SparkIndexError
+
+    spark_only = [f"--{k.replace('_', '-')}" for k in ("spark_master", "shard_size", "embeddings")
+                  if getattr(args, k) is not None]
+    if spark_only and args.engine != "spark":
+        raise UsageError(f"{spark_only[0]} goes with --engine spark")
     try:
-        report = build_index(args.images_dir, args.model, args.out, kind=args.ann, exclude=args.exclude or (),
-                             batch_size=args.batch_size, num_workers=args.workers,
-                             commit_every=args.commit_every, max_pixels=args.max_pixels, engine=args.engine,
-                             memory_budget=args.memory_budget * 1e9)
-    except (DataError, IndexError_, CatalogError, ModelError, TowerError, ANNError) as e:
+        if args.engine == "spark":
+            from .index.build import build_index_spark
+
+            report = build_index_spark(args.images_dir, args.model, args.out, kind=args.ann,
+                                       exclude=args.exclude or (), batch_size=args.batch_size,
+                                       shard_size=args.shard_size, master=args.spark_master,
+                                       embeddings=args.embeddings, memory_budget=args.memory_budget * 1e9,
+                                       max_pixels=args.max_pixels)
+        else:
+            report = build_index(args.images_dir, args.model, args.out, kind=args.ann, exclude=args.exclude or (),
+                                 batch_size=args.batch_size, num_workers=args.workers,
+                                 commit_every=args.commit_every, max_pixels=args.max_pixels, engine=args.engine,
+                                 memory_budget=args.memory_budget * 1e9)
+    except (DataError, IndexError_, CatalogError, ModelError, TowerError, ANNError, SparkIndexError) as e:
         raise UsageError(str(e)) from e
     print(report.summary())
     for path, reason in report.skipped[:10]:
@@ -377,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("index", help="embed a folder of images into a searchable index (incremental)")
-    p.add_argument("images_dir", nargs="?", help="folder of images (with --from-embeddings: their root, optional)")
+    p.add_argument("images_dir", nargs="?",
+                   help="folder of images; with --engine spark also a text file listing paths or URIs, or "
+                        "WebDataset shards (x.tar, 'shards-{000..099}.tar'); with --from-embeddings: their root")
     p.add_argument("--from-embeddings", metavar="SRC",
                    help="index vectors computed elsewhere: a folder with img_emb/*.npy + metadata/*.parquet "
                         "(clip-retrieval), or a Parquet file with image_path and embedding columns")
@@ -387,8 +404,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching files (repeatable)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--commit-every", type=int, default=256, help="images per catalog transaction")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"],
-                   help="image encoder runtime (auto: ONNX Runtime on CPU, torch on GPU)")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "spark"],
+                   help="image encoder runtime (auto: ONNX Runtime on CPU, torch on GPU); spark: spread the "
+                        "embedding over a Spark cluster (ONNX Runtime on the executors)")
+    p.add_argument("--spark-master", metavar="URL",
+                   help="with --engine spark: the master (default: the spark-submit session, else local[*])")
+    p.add_argument("--shard-size", type=int, metavar="N",
+                   help="with --engine spark: images per Parquet shard and Spark task (default 10000)")
+    p.add_argument("--embeddings", metavar="DIR",
+                   help="with --engine spark: where the Parquet shards go (default INDEX/embeddings; "
+                        "a shared path or an s3://, gs://, hdfs:// URI on a cluster)")
     p.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 179M, as Pillow)")
     p.add_argument("--memory-budget", type=float, default=8.0, help="GB the ANN index may use (for --ann auto)")
     p.add_argument("--workers", type=int, help="image decoding worker processes")
@@ -443,10 +468,11 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def quiet_libraries() -> None:
-    """Lightning and transformers talk a lot at INFO; keep their warnings only."""
+    """Lightning, transformers, FAISS and py4j talk a lot at INFO; keep their warnings only."""
     import warnings
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers", "faiss",
+                 "py4j"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")

@@ -56,19 +56,26 @@ def export_onnx(module: nn.Module, path: Path, image_size: int) -> None:
     os.replace(tmp, path)
 
 
-def onnx_forward(module: nn.Module, key: str, image_size: int, cache_dir: str | os.PathLike,
-                 atol: float = 1e-3) -> Forward | None:
-    """An ONNX Runtime forward equal to ``module`` within ``atol``, or None where that fails."""
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An ONNX Runtime session on the CPU (the CUDA provider first where onnxruntime-gpu has it)."""
     import onnxruntime as ort
 
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def verified_onnx(module: nn.Module, key: str, image_size: int, cache_dir: str | os.PathLike,
+                  atol: float = 1e-3):
+    """-> (ONNX file, session) equal to ``module`` within ``atol`` (exported once per key into
+    ``cache_dir``), or None where export or the check fails."""
     path = Path(cache_dir) / "onnx" / f"{key}.onnx"
     try:
         if not path.is_file():
             export_onnx(module, path, image_size)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = onnx_session(path)
         sample = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             want = module.eval()(sample).float().numpy()
@@ -80,6 +87,16 @@ def onnx_forward(module: nn.Module, key: str, image_size: int, cache_dir: str | 
     if diff > atol:
         log.warning("ONNX output of %s differs from torch by %.2g; using torch", key, diff)
         return None
+    return path, session
+
+
+def onnx_forward(module: nn.Module, key: str, image_size: int, cache_dir: str | os.PathLike,
+                 atol: float = 1e-3) -> Forward | None:
+    """An ONNX Runtime forward equal to ``module`` within ``atol``, or None where that fails."""
+    verified = verified_onnx(module, key, image_size, cache_dir, atol)
+    if verified is None:
+        return None
+    session = verified[1]
 
     def run(pixels: torch.Tensor) -> np.ndarray:
         return session.run(None, {"pixels": pixels.cpu().numpy()})[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -120,3 +121,30 @@ def load_image(src: ImageSource, target_size: int | None = None,
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize the short side to ``size`` (bicubic) and crop the centre square."""
     return ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """Resize (centre crop or squash) and normalise, as a tower expects; picklable, and torch-free
+    where :meth:`array` is used (Spark executors need only numpy, Pillow and ONNX Runtime)."""
+
+    size: int
+    mean: tuple
+    std: tuple
+    resize: str = "crop"
+
+    def array(self, img: Image.Image) -> np.ndarray:
+        """``[3, S, S]`` float32."""
+        s = self.size
+        if self.resize == "squash":
+            img = img.resize((s, s), Image.Resampling.BICUBIC)
+        else:
+            img = resize_center_crop(img, s)
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+    def __call__(self, img: Image.Image):
+        import torch
+
+        return torch.from_numpy(self.array(img))

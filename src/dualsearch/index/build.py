@@ -43,12 +43,13 @@ class IndexReport:
     engine: str = ""
     kind: str = ""
     count: int = 0
+    embedded: int = 0  # images embedded by this run (the rest of ``added`` came from shards written before)
 
     def summary(self) -> str:
         reasons = Counter(r.split(" (")[0] for _, r in self.skipped)
         skipped = f"{len(self.skipped)} skipped" + (f" ({', '.join(f'{k}: {v}' for k, v in reasons.items())})"
                                                     if reasons else "")
-        rate = self.added / self.embed_seconds if self.embed_seconds else 0.0
+        rate = (self.embedded or self.added) / self.embed_seconds if self.embed_seconds else 0.0
         engine = f", {self.engine}" if self.engine else ""
         return (f"{self.found} images found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
                 f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
@@ -83,6 +84,82 @@ def plan(catalog: Catalog, files: Sequence[Path]) -> tuple[list[tuple[str, int, 
             todo.append((path, st.st_size, st.st_mtime_ns))
     gone = [p for p in known if p not in seen]
     return todo, unchanged, gone
+
+
+def _images_root(src: str, inputs) -> str:
+    if os.path.isdir(src):
+        return os.path.abspath(src)
+    local = [p for p, _, _ in inputs.files if "://" not in p] + [t for t, _, _ in inputs.tars]
+    return os.path.commonpath([os.path.dirname(p) for p in local]) if local else ""
+
+
+def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
+                      exclude: Sequence[str] = (), batch_size: int = 64, shard_size: int | None = None,
+                      master: str | None = None, embeddings: str | None = None, memory_budget: float = 8e9,
+                      max_pixels: int | None = None, spark=None) -> IndexReport:
+    """Index ``src`` (a folder, a list of paths or URIs, or WebDataset shards) with the embedding
+    spread over Spark executors (see :mod:`dualsearch.index.spark`)."""
+    from . import spark as sp
+
+    if kind not in ann.KINDS:
+        raise IndexError_(f"unknown --ann {kind!r}: choose one of {', '.join(ann.KINDS)}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    src = str(src)
+    model_path = str(Path(model_path).resolve())
+    model = DualEncoder.load(model_path)
+    model_hash = model_content_hash(model_path)
+    dim = model.config.embed_dim
+    inputs = sp.list_inputs(src, exclude)
+    catalog = Catalog(out, create=True)
+    try:
+        _check_model(catalog, model_hash, model_path)
+        known = catalog.stats()
+        files = [f for f in inputs.files if f[1] < 0 or known.get(f[0]) != (f[1], f[2])]
+        ingested = catalog.meta_with_prefix(sp.TAR_META)
+        tars = [t for t in inputs.tars if ingested.get(sp.TAR_META + t[0]) != f"{t[1]}:{t[2]}"]
+        file_set, tar_set = {f[0] for f in inputs.files}, {t[0] for t in inputs.tars}
+        gone = [p for p in known if p not in file_set and p.split("::", 1)[0] not in tar_set]
+        report = IndexReport(found=len(inputs), unchanged=len(inputs) - len(files) - len(tars))
+        with catalog.db:
+            for key in ingested:
+                if key[len(sp.TAR_META):] not in tar_set:
+                    catalog.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        report.removed = catalog.remove(gone)
+        parts = sp.make_parts(files, tars, shard_size or sp.DEFAULT_SHARD_SIZE, model_hash)
+        out_uri = embeddings or str(out / sp.EMBEDDINGS_DIR)
+        done = sp.done_parts(out_uri)
+        pending = [p for p in parts if p.file not in done]
+        report.engine = f"spark, {len(pending)} shards embedded, {len(parts) - len(pending)} reused"
+        if pending:
+            from ..engine import NormalizedImageEncoder, verified_onnx
+            from ..train.features import default_cache_dir
+
+            verified = verified_onnx(NormalizedImageEncoder(model), f"encoder-{model_hash}",
+                                     model.image_tower.image_size, default_cache_dir())
+            if verified is None:
+                raise IndexError_("the Spark engine ships the image encoder as ONNX, and this model's did not "
+                                  "export; index with --engine torch instead")
+            session = spark or sp.spark_session(master)
+            log.info("embedding %d shards on Spark (%s); %d already written", len(pending),
+                     session.sparkContext.master, len(parts) - len(pending))
+            t1 = time.perf_counter()
+            stats = sp.run_parts(session, pending, str(verified[0]), model.image_tower.preprocessor(), out_uri,
+                                 batch_size, max_pixels)
+            report.embed_seconds = time.perf_counter() - t1
+            report.embedded = sum(r[1] for r in stats)
+            report.engine = f"spark {session.sparkContext.master}, " + report.engine.split(", ", 1)[1]
+        for part in parts:  # in plan order: a run killed while ingesting re-cuts the same parts
+            n_ok, _ = sp.ingest(catalog, part, out_uri, dim)
+            report.added += n_ok
+        report.skipped = [(p, r) for p, r in catalog.skipped()]
+        with catalog.db:
+            catalog.set_meta("images_root", _images_root(src, inputs))
+        report.seconds = time.perf_counter() - t0
+        finish(catalog, out, model, model_path, model_hash, kind, memory_budget, report)
+    finally:
+        catalog.close()
+    return report
 
 
 def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, out: str | os.PathLike,

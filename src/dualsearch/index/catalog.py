@@ -82,15 +82,32 @@ class Catalog:
         """Insert or replace rows in one transaction: (path, size, mtime_ns, vector) and
         (path, size, mtime_ns, reason)."""
         with self.db:
-            vid = self.next_vector_id()
-            rows = []
-            for path, size, mtime, vec in indexed:
-                rows.append((path, size, mtime, "indexed", None, vid, np.asarray(vec, np.float32).tobytes()))
-                vid += 1
-            rows += [(path, size, mtime, "skipped", reason, None, None) for path, size, mtime, reason in skipped]
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            self.set_meta("next_vector_id", str(vid))  # ids are never reused
+            self.insert(indexed, skipped)
+
+    def insert(self, indexed: Sequence[tuple[str, int, int, np.ndarray]],
+               skipped: Sequence[tuple[str, int, int, str]]) -> None:
+        """:meth:`write_batch` inside the caller's transaction (``with catalog.db:``)."""
+        vid = self.next_vector_id()
+        rows = []
+        for path, size, mtime, vec in indexed:
+            rows.append((path, size, mtime, "indexed", None, vid, np.asarray(vec, np.float32).tobytes()))
+            vid += 1
+        rows += [(path, size, mtime, "skipped", reason, None, None) for path, size, mtime, reason in skipped]
+        self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        self.set_meta("next_vector_id", str(vid))  # ids are never reused
+        self._bump()
+
+    def remove_prefix(self, prefix: str) -> int:
+        """Delete every row whose path starts with ``prefix``, inside the caller's transaction."""
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        cur = self.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", (prefix, upper))
+        if cur.rowcount:
             self._bump()
+        return cur.rowcount
+
+    def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return dict(self.db.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?", (prefix, upper)))
 
     def remove(self, paths: Iterable[str]) -> int:
         paths = list(paths)

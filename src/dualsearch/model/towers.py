@@ -14,16 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from ..data.images import resize_center_crop
+from ..data.images import ImagePreprocessor
 
 log = logging.getLogger(__name__)
 
@@ -99,24 +97,6 @@ class ImageTower(Tower):
     def preprocessor(self) -> "ImagePreprocessor":
         """A small picklable callable doing :meth:`preprocess` (for DataLoader workers)."""
         return ImagePreprocessor(self.image_size, tuple(self.mean), tuple(self.std), self.resize)
-
-
-@dataclass(frozen=True)
-class ImagePreprocessor:
-    size: int
-    mean: tuple
-    std: tuple
-    resize: str = "crop"
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        s = self.size
-        if self.resize == "squash":
-            img = img.resize((s, s), Image.Resampling.BICUBIC)
-        else:
-            img = resize_center_crop(img, s)
-        arr = np.asarray(img, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
 class EfficientNetLiteTower(ImageTower):

@@ -1,0 +1,411 @@
+"""Embed a collection on Apache Spark, then build the index from the Parquet shards it wrote.
+
+The driver lists the inputs (a folder, a file listing paths or URIs, or WebDataset shards), drops
+what the catalog already holds, and cuts the rest into parts: ``shard_size`` files each, or one
+tar shard each. A part's name is a hash of what it holds and of the model, so a re-run cuts the
+same parts and skips those whose Parquet shard exists (resume at shard granularity, as
+img2dataset's incremental mode). Spark runs one task per part (``mapInArrow``); each Python
+worker loads the image encoder once, an ONNX export shipped with ``SparkContext.addFile``, so
+executors need only numpy, Pillow, pyarrow and ONNX Runtime at run time. A task writes its shard
+(paths, sizes, mtimes, statuses, skip reasons, unit vectors) to a temporary name and renames it
+into place, so a retried or speculative task never leaves half a shard or a duplicate.
+
+The driver then ingests the shards into the catalog in plan order, one transaction per shard,
+and builds the ANN index from the catalog block by block (:func:`ann.build_stream`): the same
+INDEX layout as the local path, so ``search`` and ``serve`` work unchanged.
+
+This module imports neither torch nor the model at the top: executors unpickle
+:func:`_embed_parts` from it.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHARD_PREFIX = "part-"
+DEFAULT_SHARD_SIZE = 10_000
+EMBEDDINGS_DIR = "embeddings"
+TAR_META = "tar:"  # catalog meta key prefix: tar shard path -> "size:mtime_ns" once ingested
+
+
+class SparkIndexError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------- inputs and parts
+@dataclass
+class Inputs:
+    files: list[tuple[str, int, int]]  # (path or URI, size, mtime_ns); URIs and missing files: (uri, 0, 0)
+    tars: list[tuple[str, int, int]]  # WebDataset shards
+
+    def __len__(self) -> int:
+        return len(self.files) + len(self.tars)
+
+
+def _stat(path: str) -> tuple[str, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path, -1, 0  # gone or dangling: the executor records why
+    return path, st.st_size, st.st_mtime_ns
+
+
+def _is_uri(s: str) -> bool:
+    return "://" in s and not s.startswith("file://")
+
+
+def list_inputs(src: str, exclude: Sequence[str] = ()) -> Inputs:
+    """What ``src`` names: a folder of images (or of ``.tar`` shards), WebDataset shards (a
+    ``.tar`` file, a glob or a brace pattern), or a text file listing one path or URI a line."""
+    import fnmatch
+
+    from ..data.captions import DataError, expand_shards, list_images
+
+    def excluded(p: str) -> bool:
+        return any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(os.path.basename(p), pat) for pat in exclude)
+
+    if os.path.isdir(src):
+        files = list_images(src, exclude)
+        if files:
+            return Inputs([_stat(os.path.abspath(p)) for p in files], [])
+        tars = [os.path.abspath(t) for t in expand_shards(src) if not excluded(t)]
+        if not tars:
+            raise DataError(f"{src}: no images and no .tar shards in this folder")
+        return Inputs([], [_stat(t) for t in tars])
+    if src.endswith(".tar") or any(ch in src for ch in "*?[{"):
+        tars = [os.path.abspath(t) for t in expand_shards(src) if not excluded(t)]
+        missing = [t for t in tars if not os.path.isfile(t)]
+        if not tars or missing:
+            raise DataError(f"{src}: no such WebDataset shard{': ' + missing[0] if missing else 's'}")
+        return Inputs([], [_stat(t) for t in tars])
+    if not os.path.isfile(src):
+        raise DataError(f"{src}: no such folder, shard or list file")
+    base = os.path.dirname(os.path.abspath(src))
+    files, seen = [], set()
+    try:
+        lines = Path(src).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{src}: not a text file listing paths or URIs ({e.reason})") from e
+    for line in lines:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if item.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            item = unquote(urlparse(item).path)
+        if not _is_uri(item):
+            item = os.path.normpath(os.path.join(base, item))  # relative to the list file
+        if item in seen or excluded(item):
+            continue
+        seen.add(item)
+        files.append((item, 0, 0) if _is_uri(item) else _stat(item))
+    if not files:
+        raise DataError(f"{src}: the list names no images")
+    return Inputs(files, [])
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    kind: str  # "files" or "tar"
+    items: tuple  # files: ((path, size, mtime_ns), ...); tar: ((shard, size, mtime_ns),)
+
+    @property
+    def file(self) -> str:
+        return f"{SHARD_PREFIX}{self.name}.parquet"
+
+
+def _part_name(kind: str, items: Sequence, model_hash: str) -> str:
+    h = hashlib.sha1(json.dumps([kind, model_hash, list(items)]).encode())
+    return h.hexdigest()[:20]
+
+
+def make_parts(files: Sequence[tuple[str, int, int]], tars: Sequence[tuple[str, int, int]], shard_size: int,
+               model_hash: str) -> list[Part]:
+    """Sorted files cut into chunks of ``shard_size``; one part per tar shard."""
+    if shard_size < 1:
+        raise SparkIndexError(f"--shard-size must be at least 1, got {shard_size}")
+    files = sorted(files)
+    parts = []
+    for s in range(0, len(files), shard_size):
+        chunk = tuple(tuple(f) for f in files[s:s + shard_size])
+        parts.append(Part(_part_name("files", chunk, model_hash), "files", chunk))
+    for t in sorted(tars):
+        parts.append(Part(_part_name("tar", [tuple(t)], model_hash), "tar", (tuple(t),)))
+    return parts
+
+
+# ----------------------------------------------------------------------------- storage (local or URI)
+def _fs(uri: str):
+    """-> (pyarrow filesystem, path inside it) for a local path or any URI pyarrow knows
+    (s3://, gs://, hdfs://, file://)."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError with a clear text
+        raise SparkIndexError(f"{uri}: cannot open this location ({e})") from e
+
+
+def done_parts(out_uri: str) -> set[str]:
+    """File names of the finished shards under ``out_uri`` (temporary files are not)."""
+    from pyarrow import fs
+
+    filesystem, root = _fs(out_uri)
+    filesystem.create_dir(root, recursive=True)
+    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    return {os.path.basename(i.path) for i in infos
+            if i.type == fs.FileType.File and i.path.endswith(".parquet")
+            and os.path.basename(i.path).startswith(SHARD_PREFIX)}
+
+
+# ----------------------------------------------------------------------------- the executor side
+_ENCODERS: dict = {}
+
+
+def _encoder(path: str, threads: int):
+    """One ONNX Runtime session per Python worker and encoder file (Spark reuses workers)."""
+    key = (path, threads)
+    if key not in _ENCODERS:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in ort.get_available_providers()]
+        _ENCODERS[key] = ort.InferenceSession(path, opts, providers=providers)
+    return _ENCODERS[key]
+
+
+def _fetch(uri: str, max_bytes: int = 64 << 20) -> bytes:
+    """Bytes of an http(s) URI or of any URI pyarrow's filesystems read."""
+    from ..data.images import ImageLoadError
+
+    if uri.split("://", 1)[0].lower() in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(uri, headers={"User-Agent": "dualsearch"}),
+                                        timeout=30) as r:
+                data = r.read(max_bytes + 1)
+        except urllib.error.HTTPError as e:
+            raise ImageLoadError(uri, f"cannot fetch (HTTP {e.code})") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise ImageLoadError(uri, f"cannot fetch ({getattr(e, 'reason', e)})") from e
+    else:
+        try:
+            filesystem, path = _fs(uri)
+            with filesystem.open_input_stream(path) as f:
+                data = f.read(max_bytes + 1)
+        except (SparkIndexError, OSError) as e:
+            raise ImageLoadError(uri, f"cannot fetch ({e})") from e
+    if len(data) > max_bytes:
+        raise ImageLoadError(uri, f"larger than {max_bytes >> 20} MB")
+    return data
+
+
+def _part_items(part_kind: str, items: list) -> tuple[list, list]:
+    """-> ([(name, size, mtime_ns, source)], [(name, size, mtime_ns, reason)]) for a part."""
+    from ..data.records import ImageRef, SkipLog
+
+    if part_kind == "files":
+        return [(p, s, m, p) for p, s, m in items], []
+    from collections import OrderedDict
+
+    from ..data.captions import _scan_shard
+
+    (shard, size, mtime), = items
+    refs: dict[str, ImageRef] = {}
+    skipped = SkipLog()
+    _scan_shard(shard, OrderedDict(), refs, skipped)
+    good = [(r.name, r.size, mtime, r) for r in refs.values()]
+    return good, [(name, 0, mtime, reason) for name, reason in skipped.entries]
+
+
+def _decode(source, preprocess, max_pixels: int | None):
+    """-> (pixels [3,S,S], None) or (None, reason)."""
+    from ..data.images import ImageLoadError, load_image
+
+    try:
+        if isinstance(source, str) and _is_uri(source):
+            source = _fetch(source)
+        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+        return preprocess.array(load_image(source, target_size=preprocess.size, **kwargs)), None
+    except ImageLoadError as e:
+        return None, e.reason
+    except Exception as e:  # a decoder bug on one file must not fail the whole part
+        return None, f"cannot decode ({type(e).__name__}: {e})"
+
+
+def embed_part(part_kind: str, items: list, encoder, preprocess, batch_size: int = 64,
+               max_pixels: int | None = None, threads: int = 1):
+    """Embed one part. -> a pyarrow Table (path, size, mtime_ns, status, reason, embedding)."""
+    import pyarrow as pa
+
+    todo, bad = _part_items(part_kind, items)
+    rows: list[tuple] = [(n, s, m, "skipped", r, None) for n, s, m, r in bad]
+    dim = None
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow decodes without the GIL
+        for s in range(0, len(todo), batch_size):
+            batch = todo[s:s + batch_size]
+            decoded = list(pool.map(lambda t: _decode(t[3], preprocess, max_pixels), batch))
+            ok = [i for i, (px, _) in enumerate(decoded) if px is not None]
+            vecs = encoder.run(None, {"pixels": np.stack([decoded[i][0] for i in ok])})[0] if ok else None
+            if vecs is not None:
+                dim = vecs.shape[1]
+            good = dict(zip(ok, vecs)) if ok else {}
+            for i, (name, size, mtime, _) in enumerate(batch):
+                if i in good:
+                    rows.append((name, size, mtime, "indexed", None, good[i].astype(np.float32)))
+                else:
+                    rows.append((name, size, mtime, "skipped", decoded[i][1], None))
+    dim = dim or int(encoder.get_outputs()[0].shape[1] or 0)
+    emb = pa.array([r[5] for r in rows], type=pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32()))
+    return pa.table({
+        "path": pa.array([r[0] for r in rows], pa.string()),
+        "size": pa.array([r[1] for r in rows], pa.int64()),
+        "mtime_ns": pa.array([r[2] for r in rows], pa.int64()),
+        "status": pa.array([r[3] for r in rows], pa.string()),
+        "reason": pa.array([r[4] for r in rows], pa.string()),
+        "embedding": emb,
+    })
+
+
+def write_shard(table, out_uri: str, file_name: str) -> None:
+    """Write to a unique temporary name, then rename into place (atomic on POSIX and HDFS; a
+    copy-then-delete on object stores, where a reader never sees a partial object either)."""
+    import pyarrow.parquet as pq
+
+    filesystem, root = _fs(out_uri)
+    tmp = f"{root}/.{file_name}.{uuid.uuid4().hex}.tmp"
+    pq.write_table(table, tmp, filesystem=filesystem)
+    filesystem.move(tmp, f"{root}/{file_name}")
+
+
+def _embed_parts(batches: Iterator, encoder_file: str, preprocess, out_uri: str, batch_size: int,
+                 max_pixels: int | None) -> Iterator:
+    """``mapInArrow`` body: each input row is one part; each output row says what it wrote."""
+    import pyarrow as pa
+    from pyspark import SparkFiles, TaskContext
+
+    ctx = TaskContext.get()
+    threads = max(1, int(ctx.cpus())) if ctx is not None else 1
+    local = encoder_file if os.path.isfile(encoder_file) else SparkFiles.get(os.path.basename(encoder_file))
+    encoder = _encoder(local, threads)
+    for batch in batches:
+        out = []
+        cols = batch.to_pydict()
+        for name, kind, items in zip(cols["part"], cols["kind"], cols["items"]):
+            t0 = time.perf_counter()
+            table = embed_part(kind, json.loads(items), encoder, preprocess, batch_size, max_pixels, threads)
+            write_shard(table, out_uri, f"{SHARD_PREFIX}{name}.parquet")
+            indexed = sum(1 for s in table.column("status").to_pylist() if s == "indexed")
+            out.append((name, indexed, table.num_rows - indexed, time.perf_counter() - t0))
+        yield pa.RecordBatch.from_pylist([dict(zip(("part", "indexed", "skipped", "seconds"), o)) for o in out],
+                                         schema=pa.schema([("part", pa.string()), ("indexed", pa.int64()),
+                                                           ("skipped", pa.int64()), ("seconds", pa.float64())]))
+
+
+# ----------------------------------------------------------------------------- the driver side
+def spark_session(master: str | None = None, app_name: str = "dualsearch-index"):
+    """The active session, or a new one on ``master`` (default: ``local[*]``)."""
+    import sys
+
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None and master is None:
+        return active
+    builder = SparkSession.builder.appName(app_name)
+    if master is None and "PYSPARK_GATEWAY_PORT" in os.environ:
+        master = "spark-submit's"  # launched by spark-submit: its --master and --conf hold
+    else:
+        master = master or os.environ.get("DUALSEARCH_SPARK_MASTER") or "local[*]"
+        builder = builder.master(master)
+    if master.startswith("local"):
+        # local mode: the Python workers are this interpreter (the SQL runner reads the variable)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        log4j = Path(__file__).with_name("log4j2.properties")
+        builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
+    builder = builder.config("spark.ui.showConsoleProgress", "true").config("spark.ui.enabled", "false")
+    try:
+        spark = builder.getOrCreate()
+    except Exception as e:  # no java, a master that does not answer
+        raise SparkIndexError(f"cannot start Spark on {master}: {str(e).splitlines()[0]}") from e
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_uri: str, batch_size: int = 64,
+              max_pixels: int | None = None) -> list[tuple[str, int, int, float]]:
+    """Embed ``parts`` on Spark, one task per part. -> (part, indexed, skipped, seconds) rows."""
+    if not parts:
+        return []
+    sc = spark.sparkContext
+    if not encoder_file.startswith(("hdfs://", "s3://", "s3a://", "gs://")):
+        sc.addFile(encoder_file)  # shipped to every executor once
+    rows = [(p.name, p.kind, json.dumps([list(i) for i in p.items])) for p in parts]
+    df = spark.createDataFrame(sc.parallelize(rows, numSlices=len(rows)), "part string, kind string, items string")
+    body = functools.partial(_embed_parts, encoder_file=encoder_file, preprocess=preprocess, out_uri=out_uri,
+                             batch_size=batch_size, max_pixels=max_pixels)
+    result = df.mapInArrow(body, "part string, indexed long, skipped long, seconds double").collect()
+    return [(r.part, r.indexed, r.skipped, r.seconds) for r in result]
+
+
+def read_shard(out_uri: str, file_name: str, batch_rows: int = 50_000) -> Iterator:
+    """Record batches of one shard."""
+    import pyarrow.parquet as pq
+
+    filesystem, root = _fs(out_uri)
+    with filesystem.open_input_file(f"{root}/{file_name}") as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
+
+
+def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
+    """Copy one shard into the catalog in one transaction. -> (indexed, skipped)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n_ok = n_bad = 0
+    with catalog.db:
+        if part.kind == "tar":
+            shard, size, mtime = part.items[0]
+            catalog.remove_prefix(f"{shard}::")  # members gone from a rewritten shard
+        for batch in read_shard(out_uri, part.file):
+            table = pa.Table.from_batches([batch])
+            ok = pc.equal(table["status"], "indexed")
+            good, bad = table.filter(ok), table.filter(pc.invert(ok))
+            vecs = np.asarray(good["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                              np.float32).reshape(-1, dim) if good.num_rows else np.zeros((0, dim), np.float32)
+            if len(vecs) != good.num_rows:
+                raise SparkIndexError(f"{part.file}: vectors of dimension {dim} expected")
+            indexed = list(zip(good["path"].to_pylist(), good["size"].to_pylist(), good["mtime_ns"].to_pylist(),
+                               vecs))
+            skipped = [(p, s, m, r or "skipped") for p, s, m, r in zip(
+                bad["path"].to_pylist(), bad["size"].to_pylist(), bad["mtime_ns"].to_pylist(),
+                bad["reason"].to_pylist())]
+            catalog.insert(indexed, skipped)
+            n_ok += len(indexed)
+            n_bad += len(skipped)
+        if part.kind == "tar":
+            catalog.set_meta(TAR_META + shard, f"{size}:{mtime}")
+    return n_ok, n_bad

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.images import load_image
+from .data.images import load_image, load_stored
 from .index import ann
 from .index.catalog import Catalog
 from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, model_content_hash, read_manifest
@@ -174,7 +174,7 @@ def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = ""
         ax.axis("off")
     for ax, (rank, r) in zip(axes, enumerate(results, 1)):
         try:
-            img = load_image(r.path, target_size=thumb)
+            img = load_stored(r.path, target_size=thumb)
             img.thumbnail((thumb, thumb))
             ax.imshow(img)
         except Exception as e:  # a file that changed since indexing: say so in the cell

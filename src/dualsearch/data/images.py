@@ -8,6 +8,7 @@ handle.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import warnings
@@ -148,3 +149,68 @@ class ImagePreprocessor:
         import torch
 
         return torch.from_numpy(self.array(img))
+
+
+def fetch_uri(uri: str, max_bytes: int = 64 << 20) -> bytes:
+    """Bytes of an http(s) URI, or of any URI pyarrow's filesystems read (s3://, gs://, hdfs://)."""
+    if uri.split("://", 1)[0].lower() in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(urllib.request.Request(uri, headers={"User-Agent": "dualsearch"}),
+                                        timeout=30) as r:
+                data = r.read(max_bytes + 1)
+        except urllib.error.HTTPError as e:
+            raise ImageLoadError(uri, f"cannot fetch (HTTP {e.code})") from e
+        except (urllib.error.URLError, OSError) as e:
+            raise ImageLoadError(uri, f"cannot fetch ({getattr(e, 'reason', e)})") from e
+    else:
+        from pyarrow import fs
+
+        try:
+            filesystem, path = fs.FileSystem.from_uri(uri)
+            with filesystem.open_input_stream(path) as f:
+                data = f.read(max_bytes + 1)
+        except Exception as e:  # pyarrow's errors: unknown scheme, missing object, no credentials
+            raise ImageLoadError(uri, f"cannot fetch ({str(e).splitlines()[0]})") from e
+    if len(data) > max_bytes:
+        raise ImageLoadError(uri, f"larger than {max_bytes >> 20} MB")
+    return data
+
+
+@functools.lru_cache(maxsize=16)
+def _tar_index(shard: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size) of a tar shard (cached per file version)."""
+    import tarfile
+
+    with tarfile.open(shard, "r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+
+
+def is_uri(name: str) -> bool:
+    return "://" in name and not name.startswith("file://")
+
+
+def stored_source(name: str) -> "str | ImageRef":
+    """What an index's catalog name points at: a file path, ``shard.tar::member`` (a WebDataset
+    member, read back by offset) or a URI (left as is; :func:`fetch_uri` reads it)."""
+    if "::" in name and not is_uri(name):
+        shard, member = name.split("::", 1)
+        try:
+            st = os.stat(shard)
+            offset, size = _tar_index(shard, st.st_size, st.st_mtime_ns)[member]
+        except (OSError, KeyError, ValueError) as e:
+            raise ImageLoadError(name, "no longer in its shard") from e
+        except Exception as e:  # tarfile.TarError
+            raise ImageLoadError(name, f"unreadable shard ({e})") from e
+        return ImageRef(shard, member, offset, size)
+    return name
+
+
+def load_stored(name: str, target_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`load_image` of a catalog name (see :func:`stored_source`)."""
+    src = stored_source(name)
+    if isinstance(src, str) and is_uri(src):
+        src = fetch_uri(src)
+    return load_image(src, target_size=target_size, max_pixels=max_pixels)

@@ -194,34 +194,6 @@ def _encoder(path: str, threads: int):
     return _ENCODERS[key]
 
 
-def _fetch(uri: str, max_bytes: int = 64 << 20) -> bytes:
-    """Bytes of an http(s) URI or of any URI pyarrow's filesystems read."""
-    from ..data.images import ImageLoadError
-
-    if uri.split("://", 1)[0].lower() in ("http", "https"):
-        import urllib.error
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(urllib.request.Request(uri, headers={"User-Agent": "dualsearch"}),
-                                        timeout=30) as r:
-                data = r.read(max_bytes + 1)
-        except urllib.error.HTTPError as e:
-            raise ImageLoadError(uri, f"cannot fetch (HTTP {e.code})") from e
-        except (urllib.error.URLError, OSError) as e:
-            raise ImageLoadError(uri, f"cannot fetch ({getattr(e, 'reason', e)})") from e
-    else:
-        try:
-            filesystem, path = _fs(uri)
-            with filesystem.open_input_stream(path) as f:
-                data = f.read(max_bytes + 1)
-        except (SparkIndexError, OSError) as e:
-            raise ImageLoadError(uri, f"cannot fetch ({e})") from e
-    if len(data) > max_bytes:
-        raise ImageLoadError(uri, f"larger than {max_bytes >> 20} MB")
-    return data
-
-
 def _part_items(part_kind: str, items: list) -> tuple[list, list]:
     """-> ([(name, size, mtime_ns, source)], [(name, size, mtime_ns, reason)]) for a part."""
     from ..data.records import ImageRef, SkipLog
@@ -242,11 +214,11 @@ def _part_items(part_kind: str, items: list) -> tuple[list, list]:
 
 def _decode(source, preprocess, max_pixels: int | None):
     """-> (pixels [3,S,S], None) or (None, reason)."""
-    from ..data.images import ImageLoadError, load_image
+    from ..data.images import ImageLoadError, fetch_uri, load_image
 
     try:
         if isinstance(source, str) and _is_uri(source):
-            source = _fetch(source)
+            source = fetch_uri(source)
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
         return preprocess.array(load_image(source, target_size=preprocess.size, **kwargs)), None
     except ImageLoadError as e:
@@ -360,6 +332,8 @@ def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_u
     """Embed ``parts`` on Spark, one task per part. -> (part, indexed, skipped, seconds) rows."""
     if not parts:
         return []
+    filesystem, root = _fs(out_uri)
+    filesystem.create_dir(root, recursive=True)
     sc = spark.sparkContext
     if not encoder_file.startswith(("hdfs://", "s3://", "s3a://", "gs://")):
         sc.addFile(encoder_file)  # shipped to every executor once

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ..data.images import ImageLoadError, load_image
+from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image, stored_source
+from ..data.records import ImageRef
 from ..search import Result, Searcher
 
 log = logging.getLogger(__name__)
@@ -66,17 +67,26 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
             raise HTTPException(422, f"k is at most {max_k}")
         return k
 
-    def safe_path(image_id: str) -> str:
-        """The file for an id, or 404: unknown id, not a number, gone, or outside the collection."""
+    def source_for(image_id: str) -> str | ImageRef:
+        """What an id shows: a file, a WebDataset member or an http(s) URI; 404 for an unknown id,
+        not a number, a file gone, or one outside the collection (a symlink out of it)."""
         if not image_id.isdigit():
             raise HTTPException(404, "no such image")
         path = searcher.path_for(int(image_id))
         if path is None:
             raise HTTPException(404, "no such image")
-        real = os.path.realpath(path)
+        if is_uri(path):
+            if path.split("://", 1)[0].lower() not in ("http", "https"):
+                raise HTTPException(404, "this image lives in object storage the server does not read")
+            return path
+        try:
+            src = stored_source(path)
+        except ImageLoadError as e:
+            raise HTTPException(404, "no such image") from e
+        real = os.path.realpath(src.path if isinstance(src, ImageRef) else src)
         if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
             raise HTTPException(404, "no such image")
-        return real
+        return ImageRef(real, src.member, src.offset, src.size) if isinstance(src, ImageRef) else real
 
     @app.get("/health")
     async def health() -> dict:  # on the event loop: answers while worker threads are busy searching
@@ -111,20 +121,28 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
 
     @app.get("/api/similar/{image_id}", response_model=SearchResponse)
     def similar(image_id: str, k: int = Query(9, ge=1)):
-        safe_path(image_id)
+        source_for(image_id)
         return SearchResponse(query="", results=hits(searcher.search(k=check_k(k), like_id=int(image_id))))
 
     @app.get("/image/{image_id}")
     def image(image_id: str):
-        path = safe_path(image_id)
-        return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
+        src = source_for(image_id)
+        if isinstance(src, ImageRef):
+            try:
+                data = src.read_bytes()
+            except OSError as e:
+                raise HTTPException(404, "no such image") from e
+            return Response(data, media_type=mimetypes.guess_type(src.member)[0] or "application/octet-stream")
+        if is_uri(src):
+            return RedirectResponse(src)
+        return FileResponse(src, media_type=mimetypes.guess_type(src)[0] or "application/octet-stream")
 
     @app.get("/thumb/{image_id}")
     def thumb(image_id: str):
-        path = safe_path(image_id)
+        src = source_for(image_id)
         out = thumbs / f"{int(image_id)}.jpg"
         if not out.is_file():
-            make_thumbnail(path, out)
+            make_thumbnail(src, out)
         return FileResponse(out, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
     @app.exception_handler(ImageLoadError)
@@ -139,9 +157,9 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
     return app
 
 
-def make_thumbnail(path: str, out: Path, size: int = THUMB_SIZE) -> None:
+def make_thumbnail(src: str | ImageRef, out: Path, size: int = THUMB_SIZE) -> None:
     """A JPEG thumbnail, made once (written to a temp name and renamed into place)."""
-    img = load_image(path, target_size=size)
+    img = load_image(fetch_uri(src) if isinstance(src, str) and is_uri(src) else src, target_size=size)
     img.thumbnail((size, size))
     out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()

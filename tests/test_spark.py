@@ -1,0 +1,243 @@
+"""The Spark engine (pyspark in local mode, a real JVM) against the local path."""
+import functools
+import http.server
+import json
+import os
+import shutil
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from dualsearch.cli import main
+from dualsearch.index import spark as sp
+from dualsearch.index.build import build_index, build_index_spark
+from dualsearch.index.catalog import Catalog
+from dualsearch.search import Searcher
+
+from .test_index_search import collection  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java: make test installs it")
+
+
+@pytest.fixture(scope="module")
+def spark():
+    session = sp.spark_session("local[2]")
+    yield session
+    session.stop()
+
+
+def catalog_rows(index) -> tuple[dict, dict]:
+    """-> ({path: vector} of indexed files, {path: reason} of skipped ones)."""
+    cat = Catalog(index)
+    try:
+        vecs = {p: np.frombuffer(v, np.float32) for p, v in
+                cat.db.execute("SELECT path, vector FROM files WHERE status = 'indexed'")}
+        return vecs, dict(cat.skipped())
+    finally:
+        cat.close()
+
+
+def add_corrupt(col):
+    good = sorted(col.glob("*.jpg"))[0].read_bytes()
+    (col / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (col / "text.png").write_text("I am not a PNG")
+
+
+def test_spark_matches_local_path(tmp_path, collection, tiny_model, spark):  # noqa: F811
+    add_corrupt(collection)
+    local, dist = tmp_path / "local", tmp_path / "spark"
+    build_index(collection, tiny_model, local, num_workers=0, progress=False)
+    report = build_index_spark(str(collection), tiny_model, dist, shard_size=7, spark=spark)
+    assert report.added == 24 and report.embedded == 24 and report.count == 24
+    assert len(list((dist / "embeddings").glob("part-*.parquet"))) == 4  # 26 files in shards of 7
+
+    want, want_bad = catalog_rows(local)
+    got, got_bad = catalog_rows(dist)
+    assert sorted(got) == sorted(want)
+    assert max(float(np.abs(got[p] - want[p]).max()) for p in want) < 1e-5
+    assert sorted(got_bad) == sorted(want_bad) and len(got_bad) == 2
+    by_name = {os.path.basename(p): r for p, r in got_bad.items()}
+    assert "corrupt image" in by_name["truncated.jpg"] and "not an image" in by_name["text.png"]
+
+    a, b = Searcher.open(local), Searcher.open(dist)
+    try:
+        for q in ("a red circle", "two blue squares on a white background", "stars"):
+            ra, rb = a.search(q, k=5), b.search(q, k=5)
+            assert [r.path for r in ra] == [r.path for r in rb]
+            np.testing.assert_allclose([r.score for r in ra], [r.score for r in rb], atol=1e-5)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_rerun_after_partial_run_ends_without_duplicates(tmp_path, collection, tiny_model, spark,  # noqa: F811
+                                                         monkeypatch):
+    out = tmp_path / "idx"
+    emb = out / "embeddings"
+    # a run killed after Spark wrote 2 of its 4 shards (one task's temp file left behind) ...
+    from dualsearch.engine import NormalizedImageEncoder, verified_onnx
+    from dualsearch.index.manifest import model_content_hash
+    from dualsearch.model.dual_encoder import DualEncoder
+    from dualsearch.train.features import default_cache_dir
+
+    model = DualEncoder.load(tiny_model)
+    mhash = model_content_hash(str(tiny_model.resolve()))
+    inputs = sp.list_inputs(str(collection))
+    parts = sp.make_parts(inputs.files, inputs.tars, 7, mhash)
+    onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), f"encoder-{mhash}", model.image_tower.image_size,
+                                 default_cache_dir())
+    stats = sp.run_parts(spark, parts[:2], str(onnx_file), model.image_tower.preprocessor(), str(emb))
+    assert sorted(s[0] for s in stats) == sorted(p.name for p in parts[:2])
+    (emb / f".{parts[2].file}.deadbeef.tmp").write_bytes(b"PAR1 half a shard")
+    before = {p.name: p.stat().st_mtime_ns for p in emb.glob("part-*.parquet")}
+
+    # ... and one killed while ingesting the shards into the catalog
+    real_ingest, calls = sp.ingest, []
+
+    def failing_ingest(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_ingest(*args, **kwargs)
+
+    monkeypatch.setattr(sp, "ingest", failing_ingest)
+    with pytest.raises(KeyboardInterrupt):
+        build_index_spark(str(collection), tiny_model, out, shard_size=7, spark=spark)
+    monkeypatch.setattr(sp, "ingest", real_ingest)
+    assert Catalog(out).count() == 14  # two whole shards, nothing of the third
+
+    report = build_index_spark(str(collection), tiny_model, out, shard_size=7, spark=spark)
+    assert "0 shards embedded, 2 reused" in report.engine  # the 2 ingested shards are no longer to do
+    for name, mtime in before.items():
+        assert (emb / name).stat().st_mtime_ns == mtime  # shards written before were not redone
+    vecs, _ = catalog_rows(out)
+    assert len(vecs) == 24 and report.count == 24
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["count"] == 24
+    s = Searcher.open(out)
+    try:
+        hits = s.search("a picture", k=50)
+        assert len(hits) == 24 and len({h.path for h in hits}) == 24
+    finally:
+        s.close()
+
+    # a re-run with nothing new does nothing; one with an image added and one removed does just that
+    again = build_index_spark(str(collection), tiny_model, out, shard_size=7, spark=spark)
+    assert again.added == 0 and again.unchanged == 24 and again.count == 24
+    first = sorted(collection.glob("*.jpg"))[0]
+    shutil.copy(first, collection / "copy.jpg")
+    sorted(collection.glob("*.jpg"))[-1].unlink()
+    third = build_index_spark(str(collection), tiny_model, out, shard_size=7, spark=spark)
+    assert (third.added, third.removed, third.count) == (1, 1, 24)
+
+
+@pytest.fixture()
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_list_of_paths_and_uris(tmp_path, collection, tiny_model, spark, http_root):  # noqa: F811
+    www, base = http_root
+    imgs = sorted(collection.glob("*.jpg"))
+    shutil.copy(imgs[3], www / "remote.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([
+        "# images to index", "",
+        os.path.relpath(imgs[0], tmp_path),  # relative to the list file
+        str(imgs[1]),
+        f"file://{imgs[2]}",
+        f"{base}/remote.jpg",
+        f"{base}/missing.jpg",
+        str(tmp_path / "nowhere.jpg"),
+    ]) + "\n")
+    out = tmp_path / "idx"
+    report = build_index_spark(str(listing), tiny_model, out, shard_size=2, spark=spark)
+    assert report.found == 6 and report.count == 4
+    vecs, bad = catalog_rows(out)
+    reasons = {os.path.basename(p): r for p, r in bad.items()}
+    assert "HTTP 404" in reasons["missing.jpg"] and "cannot read" in reasons["nowhere.jpg"]
+
+    local = tmp_path / "local"
+    build_index(collection, tiny_model, local, num_workers=0, progress=False)
+    want, _ = catalog_rows(local)
+    for path, vec in vecs.items():
+        src = str(imgs[3]) if path.endswith("remote.jpg") else path
+        assert np.abs(vec - want[src]).max() < 1e-5, path
+
+    from fastapi.testclient import TestClient
+
+    from dualsearch.server.app import create_app
+
+    s = Searcher.open(out)
+    try:
+        client = TestClient(create_app(s))
+        remote = s.catalog.id_for_path(f"{base}/remote.jpg")
+        r = client.get(f"/image/{remote}", follow_redirects=False)
+        assert r.status_code == 307 and r.headers["location"] == f"{base}/remote.jpg"
+        assert client.get(f"/thumb/{remote}").headers["content-type"] == "image/jpeg"
+        assert client.get(f"/thumb/{s.catalog.id_for_path(str(imgs[1]))}").status_code == 200
+    finally:
+        s.close()
+
+
+def test_webdataset_shards_and_cli(tmp_path, collection, tiny_model, spark, capsys):  # noqa: F811
+    imgs = sorted(collection.glob("*.jpg"))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for n, chunk in enumerate((imgs[:5], imgs[5:8])):
+        with tarfile.open(shards / f"shard-{n:03d}.tar", "w") as tar:
+            for p in chunk:
+                tar.add(p, arcname=f"{p.stem}.jpg")
+                txt = tmp_path / "caption.txt"
+                txt.write_text("a caption")
+                tar.add(txt, arcname=f"{p.stem}.txt")
+    out = tmp_path / "idx"
+    assert main(["-q", "index", str(shards / "shard-{000..001}.tar"), "--model", str(tiny_model), "--out", str(out),
+                 "--engine", "spark", "--spark-master", "local[2]"]) == 0
+    printed = capsys.readouterr().out
+    assert "index: 8 vectors" in printed and "2 shards embedded" in printed
+
+    local = tmp_path / "local"
+    build_index(collection, tiny_model, local, num_workers=0, progress=False)
+    want, _ = catalog_rows(local)
+    by_name = {os.path.basename(p): v for p, v in want.items()}
+    got, _ = catalog_rows(out)
+    assert len(got) == 8 and all("::" in p for p in got)
+    for path, vec in got.items():
+        assert np.abs(vec - by_name[path.split("::")[1]]).max() < 1e-5
+
+    # search and serve read members back from their shards
+    grid = tmp_path / "grid.png"
+    assert main(["-q", "search", str(out), "a red circle", "-k", "3", "--grid", str(grid)]) == 0
+    assert "::" in capsys.readouterr().out and grid.stat().st_size > 0
+    from fastapi.testclient import TestClient
+
+    from dualsearch.server.app import create_app
+
+    s = Searcher.open(out)
+    try:
+        client = TestClient(create_app(s))
+        hit = client.get("/api/search", params={"q": "a red circle", "k": 3}).json()["results"][0]
+        assert client.get(hit["image"]).headers["content-type"] == "image/jpeg"
+        assert client.get(hit["thumb"]).status_code == 200
+    finally:
+        s.close()
+
+    # unchanged shards are not read again; bad arguments are one-line errors
+    assert main(["-q", "index", str(shards), "--model", str(tiny_model), "--out", str(out), "--engine", "spark",
+                 "--spark-master", "local[2]"]) == 0
+    assert "0 shards embedded" in capsys.readouterr().out
+    assert main(["index", str(shards), "--model", str(tiny_model), "--out", str(out), "--shard-size", "5"]) == 2
+    assert "--shard-size goes with --engine spark" in capsys.readouterr().err
+    assert main(["index", str(tmp_path / "none.tar"), "--model", str(tiny_model), "--out", str(out),
+                 "--engine", "spark"]) == 2
+    assert "no such WebDataset shard" in capsys.readouterr().err

@@ -7,6 +7,8 @@ same model in torch (inference mode), one process.
 dualsearch: `build_index` (DataLoader workers, reduced-size JPEG decoding, ONNX Runtime on CPU,
 batched catalog commits), into a fresh index; run as a subprocess per collection size to
 record peak memory (process + workers) as the collection grows.
+spark: `--engine spark` in Spark local[2] on the same machine, shards of 250 images (the Spark
+job's wall time, Python workers' start-up included; worker memory is the largest Python worker's).
 """
 from __future__ import annotations
 
@@ -30,11 +32,15 @@ from dualsearch.model.dual_encoder import DualEncoder  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
-from dualsearch.index.build import build_index
+from dualsearch.index.build import build_index, build_index_spark
 t0 = time.perf_counter()
-r = build_index(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, engine=sys.argv[4])
+if sys.argv[4] == "spark":
+    r = build_index_spark(sys.argv[1], sys.argv[2], sys.argv[3], master="local[2]", shard_size=250)
+    kids = r.worker_peak_mb * 1024
+else:
+    r = build_index(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, engine=sys.argv[4])
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"added": r.added, "embed_s": r.embed_seconds, "total_s": time.perf_counter() - t0,
                   "engine": r.engine, "rss_mb": me / 1024, "worker_rss_mb": kids / 1024}))
 """
@@ -82,10 +88,11 @@ def main() -> None:
     base = naive(model, files)
     rows.append(["naive loop (PIL full decode, torch)", len(files), round(base, 1), "1.0x", "-"])
     print(rows[-1], flush=True)
-    for engine in ("torch", "auto"):
+    for engine in ("torch", "auto", "spark"):
         r = ours(root, model_dir, BENCH_DIR / "index-out", engine)
         rate = r["added"] / r["embed_s"]
-        rows.append([f"dualsearch index (engine {engine} -> {r['engine']})", r["added"], round(rate, 1),
+        used = r["engine"].split(",")[0]
+        rows.append([f"dualsearch index (engine {engine} -> {used})", r["added"], round(rate, 1),
                      f"{rate / base:.1f}x", f"{r['rss_mb']:.0f} + {r['worker_rss_mb']:.0f} MiB"])
         print(rows[-1], flush=True)
     # memory as the collection grows: subsets in sub-folders of links

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,8 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import BENCH_DIR, machine, table  # noqa: E402
+
+from dualsearch.index.spark import peak_rss_mb  # noqa: E402
 
 DIM = 256
 CENTERS = 1000
@@ -89,10 +89,6 @@ def shard_batches(root: Path):
     return batches
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def child_build(root: str, n: int, mode: str, out: mp.Queue) -> None:
     """One build in its own process: -> timings, peak RSS, index bytes, recall@10."""
     import faiss
@@ -100,7 +96,7 @@ def child_build(root: str, n: int, mode: str, out: mp.Queue) -> None:
     from dualsearch.index import ann
 
     root = Path(root)
-    base = rss_mb()
+    base = peak_rss_mb()
     batches = shard_batches(root)
     t0 = time.perf_counter()
     if mode == "baseline":
@@ -109,7 +105,7 @@ def child_build(root: str, n: int, mode: str, out: mp.Queue) -> None:
     else:
         built = ann.build_stream(batches, n, DIM, "ivfpq")
     seconds = time.perf_counter() - t0
-    peak = rss_mb()
+    peak = peak_rss_mb()
     index_bytes = len(faiss.serialize_index(built.index))
     queries = sample(np.random.default_rng(7), 1000, centers())
     _, truth = ann.exact_knn(queries, batches, 10)
@@ -137,7 +133,7 @@ def child_ingest(root: str, n: int, out: mp.Queue) -> None:
         seconds = time.perf_counter() - t0
         cat.close()
         size = sum(p.stat().st_size for p in Path(d).iterdir())
-    out.put({"seconds": seconds, "bytes": size, "peak_mb": rss_mb()})
+    out.put({"seconds": seconds, "bytes": size, "peak_mb": peak_rss_mb()})
 
 
 def run(target, *args):

@@ -91,6 +91,7 @@ def test_rerun_after_partial_run_ends_without_duplicates(tmp_path, collection, t
     stats = sp.run_parts(spark, parts[:2], str(onnx_file), model.image_tower.preprocessor(), str(emb))
     assert sorted(s[0] for s in stats) == sorted(p.name for p in parts[:2])
     (emb / f".{parts[2].file}.deadbeef.tmp").write_bytes(b"PAR1 half a shard")
+    (emb / "part-from-an-older-plan.parquet").write_bytes(b"PAR1 stale")
     before = {p.name: p.stat().st_mtime_ns for p in emb.glob("part-*.parquet")}
 
     # ... and one killed while ingesting the shards into the catalog
@@ -111,7 +112,10 @@ def test_rerun_after_partial_run_ends_without_duplicates(tmp_path, collection, t
     report = build_index_spark(str(collection), tiny_model, out, shard_size=7, spark=spark)
     assert "0 shards embedded, 2 reused" in report.engine  # the 2 ingested shards are no longer to do
     for name, mtime in before.items():
-        assert (emb / name).stat().st_mtime_ns == mtime  # shards written before were not redone
+        if "older-plan" not in name:
+            assert (emb / name).stat().st_mtime_ns == mtime  # shards written before were not redone
+    assert not (emb / "part-from-an-older-plan.parquet").exists()  # a shard no plan or catalog knows
+    assert len(list(emb.glob("part-*.parquet"))) == 4
     vecs, _ = catalog_rows(out)
     assert len(vecs) == 24 and report.count == 24
     manifest = json.loads((out / "manifest.json").read_text())
@@ -241,3 +245,9 @@ def test_webdataset_shards_and_cli(tmp_path, collection, tiny_model, spark, caps
     assert main(["index", str(tmp_path / "none.tar"), "--model", str(tiny_model), "--out", str(out),
                  "--engine", "spark"]) == 2
     assert "no such WebDataset shard" in capsys.readouterr().err
+    assert main(["index", str(shards), "--model", str(tiny_model), "--out", str(out)]) == 2
+    assert "index WebDataset shards with --engine spark" in capsys.readouterr().err
+    (tmp_path / "blocker").write_text("a file where the shard folder should go")
+    assert main(["index", str(collection), "--model", str(tiny_model), "--out", str(tmp_path / "idx2"),
+                 "--engine", "spark", "--embeddings", str(tmp_path / "blocker")]) == 2
+    assert "cannot keep the shards there" in capsys.readouterr().err

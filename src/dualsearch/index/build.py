@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ..data.captions import list_images
+from ..data.captions import DataError, list_images
 from ..model.dual_encoder import DualEncoder
 from .manifest import (ANN_FILE, MANIFEST_FILE, MANIFEST_VERSION, TEXT_ENCODER_DIR, IndexError_,  # noqa: F401
                        model_content_hash, read_manifest, write_manifest)
@@ -44,6 +44,8 @@ class IndexReport:
     kind: str = ""
     count: int = 0
     embedded: int = 0  # images embedded by this run (the rest of ``added`` came from shards written before)
+    tars: int = 0  # WebDataset shards among the inputs (``found`` counts the other files)
+    worker_peak_mb: float = 0.0  # Spark: the largest Python worker's peak RSS
 
     def summary(self) -> str:
         reasons = Counter(r.split(" (")[0] for _, r in self.skipped)
@@ -51,7 +53,8 @@ class IndexReport:
                                                     if reasons else "")
         rate = (self.embedded or self.added) / self.embed_seconds if self.embed_seconds else 0.0
         engine = f", {self.engine}" if self.engine else ""
-        return (f"{self.found} images found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
+        found = f"{self.found} images" + (f" and {self.tars} WebDataset shards" if self.tars else "")
+        return (f"{found} found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
                 f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
 
 
@@ -120,7 +123,8 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
         tars = [t for t in inputs.tars if ingested.get(sp.TAR_META + t[0]) != f"{t[1]}:{t[2]}"]
         file_set, tar_set = {f[0] for f in inputs.files}, {t[0] for t in inputs.tars}
         gone = [p for p in known if p not in file_set and p.split("::", 1)[0] not in tar_set]
-        report = IndexReport(found=len(inputs), unchanged=len(inputs) - len(files) - len(tars))
+        report = IndexReport(found=len(inputs.files), tars=len(inputs.tars),
+                             unchanged=len(inputs.files) - len(files))
         with catalog.db:
             for key in ingested:
                 if key[len(sp.TAR_META):] not in tar_set:
@@ -148,10 +152,16 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
                                  batch_size, max_pixels)
             report.embed_seconds = time.perf_counter() - t1
             report.embedded = sum(r[1] for r in stats)
+            report.worker_peak_mb = max(r[4] for r in stats)
+            log.info("Spark: %d shards in %.1f s; a shard took %.1f-%.1f s; Python workers peaked at %.0f MiB",
+                     len(stats), report.embed_seconds, min(r[3] for r in stats), max(r[3] for r in stats),
+                     report.worker_peak_mb)
             report.engine = f"spark {session.sparkContext.master}, " + report.engine.split(", ", 1)[1]
         for part in parts:  # in plan order: a run killed while ingesting re-cuts the same parts
             n_ok, _ = sp.ingest(catalog, part, out_uri, dim)
             report.added += n_ok
+        ingested = {sp.SHARD_PREFIX + k[len(sp.PART_META):] + ".parquet" for k in catalog.meta_with_prefix(sp.PART_META)}
+        sp.remove_abandoned(out_uri, ingested | {p.file for p in parts})
         report.skipped = [(p, r) for p, r in catalog.skipped()]
         with catalog.db:
             catalog.set_meta("images_root", _images_root(src, inputs))
@@ -178,7 +188,13 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
     catalog = Catalog(out, create=True)
     try:
         _check_model(catalog, model_hash, model_path)
+        if not os.path.isdir(images_dir):
+            raise DataError(f"{images_dir}: not a folder (lists of paths or URIs and WebDataset shards are "
+                            f"indexed with --engine spark, which runs on this machine too)")
         files = list_images(images_dir, exclude)
+        if not files and any(Path(images_dir).glob("*.tar")):
+            raise DataError(f"{images_dir}: no images here, only .tar files: index WebDataset shards with "
+                            f"--engine spark")
         todo, unchanged, gone = plan(catalog, files)
         report = IndexReport(found=len(files), unchanged=unchanged, removed=catalog.remove(gone))
         embed_files(model, model_hash, catalog, todo, report, batch_size, num_workers, commit_every, progress,

@@ -39,6 +39,7 @@ SHARD_PREFIX = "part-"
 DEFAULT_SHARD_SIZE = 10_000
 EMBEDDINGS_DIR = "embeddings"
 TAR_META = "tar:"  # catalog meta key prefix: tar shard path -> "size:mtime_ns" once ingested
+PART_META = "part:"  # catalog meta key prefix: shard name -> rows, once ingested
 
 
 class SparkIndexError(ValueError):
@@ -168,8 +169,11 @@ def done_parts(out_uri: str) -> set[str]:
     from pyarrow import fs
 
     filesystem, root = _fs(out_uri)
-    filesystem.create_dir(root, recursive=True)
-    infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    try:
+        filesystem.create_dir(root, recursive=True)
+        infos = filesystem.get_file_info(fs.FileSelector(root, allow_not_found=True))
+    except Exception as e:  # OSError / ArrowInvalid: a file in the way, no permission, no bucket
+        raise SparkIndexError(f"{out_uri}: cannot keep the shards there ({str(e).splitlines()[0]})") from e
     return {os.path.basename(i.path) for i in infos
             if i.type == fs.FileType.File and i.path.endswith(".parquet")
             and os.path.basename(i.path).startswith(SHARD_PREFIX)}
@@ -290,10 +294,25 @@ def _embed_parts(batches: Iterator, encoder_file: str, preprocess, out_uri: str,
             table = embed_part(kind, json.loads(items), encoder, preprocess, batch_size, max_pixels, threads)
             write_shard(table, out_uri, f"{SHARD_PREFIX}{name}.parquet")
             indexed = sum(1 for s in table.column("status").to_pylist() if s == "indexed")
-            out.append((name, indexed, table.num_rows - indexed, time.perf_counter() - t0))
-        yield pa.RecordBatch.from_pylist([dict(zip(("part", "indexed", "skipped", "seconds"), o)) for o in out],
-                                         schema=pa.schema([("part", pa.string()), ("indexed", pa.int64()),
-                                                           ("skipped", pa.int64()), ("seconds", pa.float64())]))
+            out.append((name, indexed, table.num_rows - indexed, time.perf_counter() - t0, peak_rss_mb()))
+        yield pa.RecordBatch.from_pylist([dict(zip(STAT_FIELDS, o)) for o in out], schema=pa.schema(
+            [("part", pa.string()), ("indexed", pa.int64()), ("skipped", pa.int64()), ("seconds", pa.float64()),
+             ("worker_peak_mb", pa.float64())]))
+
+
+STAT_FIELDS = ("part", "indexed", "skipped", "seconds", "worker_peak_mb")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux's VmHWM: unlike ru_maxrss, not inherited
+    from the parent at fork), for sizing executors; 0 elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 # ----------------------------------------------------------------------------- the driver side
@@ -328,8 +347,9 @@ def spark_session(master: str | None = None, app_name: str = "dualsearch-index")
 
 
 def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_uri: str, batch_size: int = 64,
-              max_pixels: int | None = None) -> list[tuple[str, int, int, float]]:
-    """Embed ``parts`` on Spark, one task per part. -> (part, indexed, skipped, seconds) rows."""
+              max_pixels: int | None = None) -> list[tuple[str, int, int, float, float]]:
+    """Embed ``parts`` on Spark, one task per part. -> (part, indexed, skipped, seconds, Python worker
+    peak RSS in MiB) rows."""
     if not parts:
         return []
     filesystem, root = _fs(out_uri)
@@ -341,8 +361,26 @@ def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_u
     df = spark.createDataFrame(sc.parallelize(rows, numSlices=len(rows)), "part string, kind string, items string")
     body = functools.partial(_embed_parts, encoder_file=encoder_file, preprocess=preprocess, out_uri=out_uri,
                              batch_size=batch_size, max_pixels=max_pixels)
-    result = df.mapInArrow(body, "part string, indexed long, skipped long, seconds double").collect()
-    return [(r.part, r.indexed, r.skipped, r.seconds) for r in result]
+    try:
+        result = df.mapInArrow(body, "part string, indexed long, skipped long, seconds double, "
+                                     "worker_peak_mb double").collect()
+    except Exception as e:  # Py4JJavaError / PythonException: the first line names the cause
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        cause = next((ln.strip() for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[0] if lines
+                     else type(e).__name__)
+        raise SparkIndexError(f"the Spark job failed ({cause[:300]}); the shards it finished are kept under "
+                              f"{out_uri}: run the same command again to resume") from e
+    return [(r.part, r.indexed, r.skipped, r.seconds, r.worker_peak_mb) for r in result]
+
+
+def remove_abandoned(out_uri: str, keep: set[str]) -> int:
+    """Delete shards in ``out_uri`` that neither the current plan nor the catalog knows (left by a
+    run whose inputs changed before it was resumed)."""
+    filesystem, root = _fs(out_uri)
+    gone = sorted(done_parts(out_uri) - keep)
+    for name in gone:
+        filesystem.delete_file(f"{root}/{name}")
+    return len(gone)
 
 
 def read_shard(out_uri: str, file_name: str, batch_rows: int = 50_000) -> Iterator:
@@ -382,4 +420,5 @@ def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
             n_bad += len(skipped)
         if part.kind == "tar":
             catalog.set_meta(TAR_META + shard, f"{size}:{mtime}")
+        catalog.set_meta(PART_META + part.name, str(n_ok + n_bad))
     return n_ok, n_bad

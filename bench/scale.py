@@ -12,7 +12,8 @@ its own:
 Recall@10 is measured with 1,000 fresh queries against exact search (computed shard by shard), at
 the parameters the build tuned. Bytes per vector: the serialized index / N, and the build's peak
 RSS / N. At 1M it also times ingesting the shards into a catalog (the Spark path's step between
-the shards and the build) and its bytes per vector on disk.
+the shards and the build), its bytes per vector on disk, and one pass over its vectors (the
+product's build reads the catalog three times).
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def shard_batches(root: Path):
     return batches
 
 
-def child_build(root: str, n: int, mode: str, out: mp.Queue) -> None:
+def child_build(root: str, n: int, mode: str, budget: float, out: mp.Queue) -> None:
     """One build in its own process: -> timings, peak RSS, index bytes, recall@10."""
     import faiss
 
@@ -101,9 +102,9 @@ def child_build(root: str, n: int, mode: str, out: mp.Queue) -> None:
     t0 = time.perf_counter()
     if mode == "baseline":
         ids, vecs = zip(*batches())
-        built = ann.build(np.concatenate(vecs), np.concatenate(ids), "ivfpq")
+        built = ann.build(np.concatenate(vecs), np.concatenate(ids), "ivfpq", budget)
     else:
-        built = ann.build_stream(batches, n, DIM, "ivfpq")
+        built = ann.build_stream(batches, n, DIM, "ivfpq", budget)
     seconds = time.perf_counter() - t0
     peak = peak_rss_mb()
     index_bytes = len(faiss.serialize_index(built.index))
@@ -131,9 +132,12 @@ def child_ingest(root: str, n: int, out: mp.Queue) -> None:
         for f in sorted(Path(root).glob("part-*.parquet")):
             sp.ingest(cat, sp.Part(f.stem[len(sp.SHARD_PREFIX):], "files", ()), root, DIM)
         seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        read = sum(len(ids) for ids, _ in cat.iter_vectors(DIM))  # one pass of the index build
+        pass_s = time.perf_counter() - t1
         cat.close()
         size = sum(p.stat().st_size for p in Path(d).iterdir())
-    out.put({"seconds": seconds, "bytes": size, "peak_mb": peak_rss_mb()})
+    out.put({"seconds": seconds, "bytes": size, "peak_mb": peak_rss_mb(), "pass_s": pass_s, "read": read})
 
 
 def run(target, *args):
@@ -152,6 +156,8 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=250_000)
     ap.add_argument("--baseline-max", type=int, default=1_000_000)
     ap.add_argument("--ingest-max", type=int, default=1_000_000)
+    ap.add_argument("--memory-budget", type=float, default=8.0,
+                    help="GB, as `index --memory-budget`: it picks the refine codes (fp16 when they fit, else SQ8)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     print(f"# bench/scale.py on {machine()}")
@@ -161,7 +167,7 @@ def main() -> None:
         shard_bytes = sum(f.stat().st_size for f in root.glob("part-*.parquet"))
         modes = ["shards"] + (["baseline"] if n <= args.baseline_max else [])
         for mode in modes:
-            r = run(child_build, str(root), n, mode)
+            r = run(child_build, str(root), n, mode, args.memory_budget * 1e9)
             r["n"] = n
             results.append(r)
             print(f"  {n:,} {mode}: {json.dumps(r)}", flush=True)
@@ -169,14 +175,15 @@ def main() -> None:
                          round(r["seconds"]), round(r["parts"].get("train", 0)), round(r["parts"].get("add", 0)),
                          round(r["parts"].get("tune", 0)), round(r["peak_mb"]), round(r["index_bytes"] / n, 1),
                          round((r["peak_mb"] - r["base_mb"]) * 2**20 / n, 1), round(r["recall"], 3),
-                         round(r["qps"]), f"{r['params']}"])
+                         round(r["qps"]), ", ".join(f"{k} {v}" for k, v in r["params"].items())])
         print(f"  {n:,}: shards on disk {shard_bytes / n:.0f} B/vector", flush=True)
         if n <= args.ingest_max:
             ing = run(child_ingest, str(root), n)
             ing["n"] = n
             results.append({"ingest": ing})
             print(f"  {n:,} catalog ingest: {n / ing['seconds']:,.0f} vectors/s, {ing['bytes'] / n:.0f} B/vector "
-                  f"on disk, peak RSS {ing['peak_mb']:.0f} MiB", flush=True)
+                  f"on disk, peak RSS {ing['peak_mb']:.0f} MiB; one pass over the catalog's vectors "
+                  f"{ing['pass_s']:.1f} s ({ing['read'] / ing['pass_s']:,.0f} vectors/s)", flush=True)
     print()
     print(table(["vectors", "build", "total s", "train s", "add s", "tune s", "peak RSS MiB", "index B/vec",
                  "RSS B/vec", "recall@10", "QPS (batch)", "search params"], rows))

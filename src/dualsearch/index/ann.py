@@ -3,8 +3,9 @@
 Kinds, as the FAISS guidelines and autofaiss choose them:
   - ``flat``: exact search (IndexFlatIP); small collections;
   - ``hnsw``: IndexHNSWFlat (M=32), when the full vectors fit the memory budget;
-  - ``ivfpq``: IVF with fast-scan product quantization and an SQ8 refine step, for large
-    collections or a tight budget (about d/2 + d + 24 bytes a vector instead of 4d).
+  - ``ivfpq``: IVF with fast-scan product quantization and a refine step over fp16 codes (SQ8
+    when the budget is tight), for large collections or a tight budget (about d/2 + 2d + 24 bytes a
+    vector, or d/2 + d + 24 with SQ8, instead of 4d).
 Search parameters (efSearch, nprobe, k_factor) are tuned after building so that recall@10 against
 exact search reaches the target on a sample of the collection's own vectors.
 """
@@ -49,7 +50,14 @@ def _inner(index):
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
 
 
-def new_index(kind: str, dim: int, n: int) -> faiss.Index:
+def ivfpq_refine(n: int, dim: int, memory_budget_bytes: float = 8e9) -> str:
+    """The codes IVF-PQ re-ranks its candidates with: fp16 (recall close to exact) when they fit
+    the budget, else 8-bit (a quarter of the raw vectors, but on dense collections its rounding
+    caps recall@10 near 0.95: bench/scale.py)."""
+    return "SQfp16" if n * (2 * dim + dim / 2 + 64) <= memory_budget_bytes else "SQ8"
+
+
+def new_index(kind: str, dim: int, n: int, refine: str = "SQ8") -> faiss.Index:
     if kind == "flat":
         inner = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
@@ -60,7 +68,7 @@ def new_index(kind: str, dim: int, n: int) -> faiss.Index:
         # past a few thousand lists, an HNSW graph over the centroids assigns vectors to lists far
         # faster than comparing with every centroid (the FAISS guidelines' IVF..._HNSW32)
         coarse = f"IVF{ivf_lists(n)}" + ("_HNSW32" if n > HNSW_COARSE_MIN else "")
-        inner = faiss.index_factory(dim, f"{coarse},PQ{m}x4fs,Refine(SQ8)", faiss.METRIC_INNER_PRODUCT)
+        inner = faiss.index_factory(dim, f"{coarse},PQ{m}x4fs,Refine({refine})", faiss.METRIC_INNER_PRODUCT)
     else:
         raise ANNError(f"unknown ANN kind {kind!r}: choose one of {', '.join(KINDS)}")
     return faiss.IndexIDMap2(inner)
@@ -91,7 +99,7 @@ def set_params(index: faiss.Index, params: dict) -> None:
 
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024)
 IVF_NPROBE = (4, 8, 16, 32, 64, 128, 256, 512)
-IVF_K_FACTOR = (4, 16, 64, 256, 1024)  # candidates re-ranked by the SQ8 codes: k * k_factor
+IVF_K_FACTOR = (4, 16, 64, 256, 1024)  # candidates re-ranked by the refine codes: k * k_factor
 
 
 def recall_at(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, k: int = 10) -> float:
@@ -121,7 +129,7 @@ def tune(index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, 
 
     HNSW: efSearch grows until recall clears the target by a margin. IVF-PQ: for each nprobe,
     k_factor grows while it still adds recall; nprobe grows while the best recall still rises
-    (past that point the PQ and SQ8 codes, not the lists scanned, bound the recall)."""
+    (past that point the codes, not the lists scanned, bound the recall)."""
     if kind == "flat" or len(queries) == 0:
         return {}, 1.0
     import time
@@ -227,7 +235,8 @@ def build_stream(batches: Batches, n: int, dim: int, kind: str = "auto", memory_
     if kind == "ivfpq" and n < 2000:
         log.warning("ivfpq needs a few thousand vectors to train; %d given, using flat", n)
         kind = "flat"
-    index = new_index(kind, dim, n)
+    refine = ivfpq_refine(n, dim, memory_budget_bytes)
+    index = new_index(kind, dim, n, refine)
     seconds = {}
     if n == 0:
         return BuiltIndex(index, kind, {}, 1.0, seconds)
@@ -259,6 +268,8 @@ def build_stream(batches: Batches, n: int, dim: int, kind: str = "auto", memory_
         log.warning("%s reaches recall@10 %.3f < %.2f on this collection; using exact search", kind, recall,
                     target_recall)
         return build_stream(batches, n, dim, "flat", memory_budget_bytes, target_recall, seed)
+    if kind == "ivfpq":
+        params = {**params, "refine": refine}  # recorded in the manifest (set_params ignores it)
     return BuiltIndex(index, kind, params, recall, seconds)
 
 

@@ -40,9 +40,9 @@ if sys.argv[4] == "spark":
 else:
     r = build_index(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, engine=sys.argv[4])
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from dualsearch.index.spark import peak_rss_mb  # VmHWM: ru_maxrss would include the parent's at fork
 print(json.dumps({"added": r.added, "embed_s": r.embed_seconds, "total_s": time.perf_counter() - t0,
-                  "engine": r.engine, "rss_mb": me / 1024, "worker_rss_mb": kids / 1024}))
+                  "engine": r.engine, "rss_mb": peak_rss_mb(), "worker_rss_mb": kids / 1024}))
 """
 
 

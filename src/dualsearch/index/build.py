@@ -53,7 +53,8 @@ class IndexReport:
                                                     if reasons else "")
         rate = (self.embedded or self.added) / self.embed_seconds if self.embed_seconds else 0.0
         engine = f", {self.engine}" if self.engine else ""
-        found = f"{self.found} images" + (f" and {self.tars} WebDataset shards" if self.tars else "")
+        found = " and ".join(([f"{self.found} images"] if self.found or not self.tars else [])
+                             + ([f"{self.tars} WebDataset shards"] if self.tars else []))
         return (f"{found} found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
                 f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
 

@@ -251,3 +251,33 @@ def test_webdataset_shards_and_cli(tmp_path, collection, tiny_model, spark, caps
     assert main(["index", str(collection), "--model", str(tiny_model), "--out", str(tmp_path / "idx2"),
                  "--engine", "spark", "--embeddings", str(tmp_path / "blocker")]) == 2
     assert "cannot keep the shards there" in capsys.readouterr().err
+
+
+def test_executor_side_needs_no_torch(tmp_path, collection, tiny_model):  # noqa: F811
+    """What a Spark task runs (decode, ONNX Runtime, Parquet) imports neither torch nor the model."""
+    import subprocess
+    import sys
+
+    from dualsearch.engine import NormalizedImageEncoder, verified_onnx
+    from dualsearch.model.dual_encoder import DualEncoder
+    from dualsearch.train.features import default_cache_dir
+
+    model = DualEncoder.load(tiny_model)
+    onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), "executor-test", model.image_tower.image_size,
+                                 default_cache_dir())
+    prep = model.image_tower.preprocessor()
+    items = [[str(p), 0, 0] for p in sorted(collection.glob("*.jpg"))[:3]]
+    code = f"""
+import sys
+from dualsearch.data.images import ImagePreprocessor
+from dualsearch.index import spark as sp
+table = sp.embed_part("files", {items!r}, sp._encoder({str(onnx_file)!r}, 1),
+                      ImagePreprocessor({prep.size}, {prep.mean!r}, {prep.std!r}, {prep.resize!r}))
+sp.write_shard(table, {str(tmp_path / "out")!r}, "part-x.parquet")
+assert table.num_rows == 3 and set(table.column("status").to_pylist()) == {{"indexed"}}
+assert "torch" not in sys.modules, "an executor imported torch"
+print("ok")
+"""
+    (tmp_path / "out").mkdir()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

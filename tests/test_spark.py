@@ -231,6 +231,7 @@ def test_webdataset_shards_and_cli(tmp_path, collection, tiny_model, spark, caps
     try:
         client = TestClient(create_app(s))
         hit = client.get("/api/search", params={"q": "a red circle", "k": 3}).json()["results"][0]
+        assert hit["name"].endswith(".jpg") and "::" not in hit["name"]
         assert client.get(hit["image"]).headers["content-type"] == "image/jpeg"
         assert client.get(hit["thumb"]).status_code == 200
     finally:

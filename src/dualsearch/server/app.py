@@ -59,8 +59,9 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
     thumbs = searcher.folder / "thumbs"
 
     def hits(results: list[Result]) -> list[Hit]:
-        return [Hit(id=r.id, score=round(r.score, 6), name=Path(r.path).name, thumb=f"/thumb/{r.id}",
-                    image=f"/image/{r.id}") for r in results]
+        # a WebDataset member shows its own name, not its shard's
+        return [Hit(id=r.id, score=round(r.score, 6), name=Path(r.path.rsplit("::", 1)[-1]).name,
+                    thumb=f"/thumb/{r.id}", image=f"/image/{r.id}") for r in results]
 
     def check_k(k: int) -> int:
         if k > max_k:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .runtime import ort_session
+
 log = logging.getLogger(__name__)
 
 ENGINES = ("auto", "torch", "onnx")
@@ -56,17 +58,6 @@ def export_onnx(module: nn.Module, path: Path, image_size: int) -> None:
     os.replace(tmp, path)
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
-    """An ONNX Runtime session on the CPU (the CUDA provider first where onnxruntime-gpu has it)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or torch.get_num_threads()
-    opts.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), opts, providers=providers)
-
-
 def verified_onnx(module: nn.Module, key: str, image_size: int, cache_dir: str | os.PathLike,
                   atol: float = 1e-3):
     """-> (ONNX file, session) equal to ``module`` within ``atol`` (exported once per key into
@@ -75,7 +66,7 @@ def verified_onnx(module: nn.Module, key: str, image_size: int, cache_dir: str |
     try:
         if not path.is_file():
             export_onnx(module, path, image_size)
-        session = onnx_session(path)
+        session = ort_session(path, torch.get_num_threads(), gpu=True)
         sample = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             want = module.eval()(sample).float().numpy()
@@ -173,14 +164,9 @@ def text_forward(tower, key: str, engine: str = "auto", device: str = "cpu",
 
     path = Path(cache_dir or default_cache_dir()) / "onnx" / f"text-{key}.onnx"
     try:
-        import onnxruntime as ort
-
         if not path.is_file():
             export_text_onnx(tower, tower.tokenize, path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort_session(path, torch.get_num_threads())
         check = tower.tokenize(["two green squares on the left", "one", "a large yellow star on a dark background"])
         got = session.run(None, {k: v.numpy() for k, v in check.items()})[0]
         diff = float(np.abs(got - run_torch(check)).max())

@@ -68,18 +68,14 @@ class OnnxDualEncoder:
     """Embeds texts and images with ONNX Runtime from an exported folder (no torch model)."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
-
         from .model.towers import ImagePreprocessor
         from .onnx_text import OnnxTextEncoder
+        from .runtime import ort_session
 
         folder = Path(folder)
         self.text = OnnxTextEncoder(folder, threads)
         self.meta = self.text.meta
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        self.image_session = ort.InferenceSession(str(folder / "image_encoder.onnx"), opts,
-                                                  providers=["CPUExecutionProvider"])
+        self.image_session = ort_session(folder / "image_encoder.onnx", threads or torch.get_num_threads())
         im = self.meta["image"]
         self.preprocess = ImagePreprocessor(im["size"], tuple(im["mean"]), tuple(im["std"]), im["resize"])
 

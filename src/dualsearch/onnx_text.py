@@ -21,8 +21,9 @@ class OnnxTextEncoder:
     and export.json."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
+
+        from .runtime import ort_session
 
         folder = Path(folder)
         self.meta = json.loads((folder / "export.json").read_text())
@@ -36,12 +37,7 @@ class OnnxTextEncoder:
             self.tokenizer.enable_padding(length=self.max_length, pad_id=pad_id)
         else:
             self.tokenizer.enable_padding(pad_id=pad_id)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / "text_encoder.onnx"), opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort_session(folder / "text_encoder.onnx", threads)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         encodings = self.tokenizer.encode_batch(list(texts))

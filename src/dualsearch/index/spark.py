@@ -33,6 +33,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image
+
 log = logging.getLogger(__name__)
 
 SHARD_PREFIX = "part-"
@@ -62,10 +64,6 @@ def _stat(path: str) -> tuple[str, int, int]:
     except OSError:
         return path, -1, 0  # gone or dangling: the executor records why
     return path, st.st_size, st.st_mtime_ns
-
-
-def _is_uri(s: str) -> bool:
-    return "://" in s and not s.startswith("file://")
 
 
 def list_inputs(src: str, exclude: Sequence[str] = ()) -> Inputs:
@@ -108,12 +106,12 @@ def list_inputs(src: str, exclude: Sequence[str] = ()) -> Inputs:
             from urllib.parse import unquote, urlparse
 
             item = unquote(urlparse(item).path)
-        if not _is_uri(item):
+        if not is_uri(item):
             item = os.path.normpath(os.path.join(base, item))  # relative to the list file
         if item in seen or excluded(item):
             continue
         seen.add(item)
-        files.append((item, 0, 0) if _is_uri(item) else _stat(item))
+        files.append((item, 0, 0) if is_uri(item) else _stat(item))
     if not files:
         raise DataError(f"{src}: the list names no images")
     return Inputs(files, [])
@@ -187,14 +185,9 @@ def _encoder(path: str, threads: int):
     """One ONNX Runtime session per Python worker and encoder file (Spark reuses workers)."""
     key = (path, threads)
     if key not in _ENCODERS:
-        import onnxruntime as ort
+        from ..runtime import ort_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                     if p in ort.get_available_providers()]
-        _ENCODERS[key] = ort.InferenceSession(path, opts, providers=providers)
+        _ENCODERS[key] = ort_session(path, threads, gpu=True)
     return _ENCODERS[key]
 
 
@@ -218,10 +211,8 @@ def _part_items(part_kind: str, items: list) -> tuple[list, list]:
 
 def _decode(source, preprocess, max_pixels: int | None):
     """-> (pixels [3,S,S], None) or (None, reason)."""
-    from ..data.images import ImageLoadError, fetch_uri, load_image
-
     try:
-        if isinstance(source, str) and _is_uri(source):
+        if isinstance(source, str) and is_uri(source):
             source = fetch_uri(source)
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
         return preprocess.array(load_image(source, target_size=preprocess.size, **kwargs)), None

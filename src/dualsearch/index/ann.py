@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -132,8 +133,6 @@ def tune(index: faiss.Index, kind: str, queries: np.ndarray, truth: np.ndarray, 
     (past that point the codes, not the lists scanned, bound the recall)."""
     if kind == "flat" or len(queries) == 0:
         return {}, 1.0
-    import time
-
     trials: list[tuple[dict, float, float]] = []
     margin = target + 0.01  # a small margin over the sample's noise
 
@@ -198,10 +197,13 @@ def blocks(vectors: np.ndarray, ids: np.ndarray, size: int = 65536) -> Batches:
     return lambda: ((ids[s:s + size], vectors[s:s + size]) for s in range(0, len(vectors), size))
 
 
-def training_size(kind: str, n: int, dim: int) -> int:
-    """Vectors to train on: IVF wants >= 39 per list (FAISS warns below), capped at 1M."""
+def training_size(kind: str, n: int) -> int:
+    """Vectors to sample: IVF trains on >= 39 per list (FAISS warns below), capped at 1M; HNSW
+    draws only its tuning queries from the sample; exact search needs none."""
+    if kind == "flat":
+        return 0
     if kind != "ivfpq":
-        return min(n, 500)  # only the tuning queries are drawn from it
+        return min(n, 500)
     return min(n, max(256 * 1024, min(40 * ivf_lists(n), 1 << 20)))
 
 
@@ -227,8 +229,6 @@ def build_stream(batches: Batches, n: int, dim: int, kind: str = "auto", memory_
     once per pass; ``n`` vectors in all), never holding more than one block beside the index: a
     training sample is gathered in one pass, the vectors are added in a second, and the exact
     neighbours of the tuning queries are computed in a third."""
-    import time
-
     auto = kind == "auto"
     if auto:
         kind = choose_kind(n, dim, memory_budget_bytes)
@@ -241,10 +241,12 @@ def build_stream(batches: Batches, n: int, dim: int, kind: str = "auto", memory_
     if n == 0:
         return BuiltIndex(index, kind, {}, 1.0, seconds)
     t = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    positions = np.sort(rng.choice(n, size=training_size(kind, n, dim), replace=False))
-    sample = _gather(batches, positions, dim)
-    train_index(index, sample)
+    sample = None
+    if kind != "flat":  # exact search needs no pass to sample, train or tune
+        rng = np.random.default_rng(seed)
+        positions = np.sort(rng.choice(n, size=training_size(kind, n), replace=False))
+        sample = _gather(batches, positions, dim)
+        train_index(index, sample)
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
     added = 0

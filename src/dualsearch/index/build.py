@@ -120,14 +120,14 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
         _check_model(catalog, model_hash, model_path)
         known = catalog.stats()
         files = [f for f in inputs.files if f[1] < 0 or known.get(f[0]) != (f[1], f[2])]
-        ingested = catalog.meta_with_prefix(sp.TAR_META)
-        tars = [t for t in inputs.tars if ingested.get(sp.TAR_META + t[0]) != f"{t[1]}:{t[2]}"]
+        tars_ingested = catalog.meta_with_prefix(sp.TAR_META)
+        tars = [t for t in inputs.tars if tars_ingested.get(sp.TAR_META + t[0]) != f"{t[1]}:{t[2]}"]
         file_set, tar_set = {f[0] for f in inputs.files}, {t[0] for t in inputs.tars}
         gone = [p for p in known if p not in file_set and p.split("::", 1)[0] not in tar_set]
         report = IndexReport(found=len(inputs.files), tars=len(inputs.tars),
                              unchanged=len(inputs.files) - len(files))
         with catalog.db:
-            for key in ingested:
+            for key in tars_ingested:
                 if key[len(sp.TAR_META):] not in tar_set:
                     catalog.db.execute("DELETE FROM meta WHERE key = ?", (key,))
         report.removed = catalog.remove(gone)
@@ -135,7 +135,8 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
         out_uri = embeddings or str(out / sp.EMBEDDINGS_DIR)
         done = sp.done_parts(out_uri)
         pending = [p for p in parts if p.file not in done]
-        report.engine = f"spark, {len(pending)} shards embedded, {len(parts) - len(pending)} reused"
+        shards = f"{len(pending)} shards embedded, {len(parts) - len(pending)} reused"
+        report.engine = f"spark, {shards}"
         if pending:
             from ..engine import NormalizedImageEncoder, verified_onnx
             from ..train.features import default_cache_dir
@@ -157,12 +158,11 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
             log.info("Spark: %d shards in %.1f s; a shard took %.1f-%.1f s; Python workers peaked at %.0f MiB",
                      len(stats), report.embed_seconds, min(r[3] for r in stats), max(r[3] for r in stats),
                      report.worker_peak_mb)
-            report.engine = f"spark {session.sparkContext.master}, " + report.engine.split(", ", 1)[1]
+            report.engine = f"spark {session.sparkContext.master}, {shards}"
         for part in parts:  # in plan order: a run killed while ingesting re-cuts the same parts
             n_ok, _ = sp.ingest(catalog, part, out_uri, dim)
             report.added += n_ok
-        ingested = {sp.SHARD_PREFIX + k[len(sp.PART_META):] + ".parquet" for k in catalog.meta_with_prefix(sp.PART_META)}
-        sp.remove_abandoned(out_uri, ingested | {p.file for p in parts})
+        sp.remove_abandoned(catalog, out_uri, parts)
         report.skipped = [(p, r) for p, r in catalog.skipped()]
         with catalog.db:
             catalog.set_meta("images_root", _images_root(src, inputs))

@@ -286,12 +286,14 @@ def _embed_parts(batches: Iterator, encoder_file: str, preprocess, out_uri: str,
             write_shard(table, out_uri, f"{SHARD_PREFIX}{name}.parquet")
             indexed = sum(1 for s in table.column("status").to_pylist() if s == "indexed")
             out.append((name, indexed, table.num_rows - indexed, time.perf_counter() - t0, peak_rss_mb()))
-        yield pa.RecordBatch.from_pylist([dict(zip(STAT_FIELDS, o)) for o in out], schema=pa.schema(
-            [("part", pa.string()), ("indexed", pa.int64()), ("skipped", pa.int64()), ("seconds", pa.float64()),
-             ("worker_peak_mb", pa.float64())]))
+        arrow = {"string": pa.string(), "long": pa.int64(), "double": pa.float64()}
+        schema = pa.schema([(name, arrow[kind]) for name, kind in STATS])
+        yield pa.RecordBatch.from_pylist([dict(zip(schema.names, o)) for o in out], schema=schema)
 
 
-STAT_FIELDS = ("part", "indexed", "skipped", "seconds", "worker_peak_mb")
+# what each task reports, in Spark's type names: the mapInArrow schema and its Arrow batches
+STATS = (("part", "string"), ("indexed", "long"), ("skipped", "long"), ("seconds", "double"),
+         ("worker_peak_mb", "double"))
 
 
 def peak_rss_mb() -> float:
@@ -353,22 +355,22 @@ def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_u
     body = functools.partial(_embed_parts, encoder_file=encoder_file, preprocess=preprocess, out_uri=out_uri,
                              batch_size=batch_size, max_pixels=max_pixels)
     try:
-        result = df.mapInArrow(body, "part string, indexed long, skipped long, seconds double, "
-                                     "worker_peak_mb double").collect()
+        result = df.mapInArrow(body, ", ".join(f"{name} {kind}" for name, kind in STATS)).collect()
     except Exception as e:  # Py4JJavaError / PythonException: the first line names the cause
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         cause = next((ln.strip() for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[0] if lines
                      else type(e).__name__)
         raise SparkIndexError(f"the Spark job failed ({cause[:300]}); the shards it finished are kept under "
                               f"{out_uri}: run the same command again to resume") from e
-    return [(r.part, r.indexed, r.skipped, r.seconds, r.worker_peak_mb) for r in result]
+    return [tuple(r) for r in result]
 
 
-def remove_abandoned(out_uri: str, keep: set[str]) -> int:
-    """Delete shards in ``out_uri`` that neither the current plan nor the catalog knows (left by a
-    run whose inputs changed before it was resumed)."""
+def remove_abandoned(catalog, out_uri: str, parts: Sequence[Part]) -> int:
+    """Delete shards in ``out_uri`` that neither ``parts`` (the current plan) nor the catalog
+    (shards ingested before) knows: left by a run whose inputs changed before it was resumed."""
     filesystem, root = _fs(out_uri)
-    gone = sorted(done_parts(out_uri) - keep)
+    ingested = {f"{SHARD_PREFIX}{key[len(PART_META):]}.parquet" for key in catalog.meta_with_prefix(PART_META)}
+    gone = sorted(done_parts(out_uri) - ingested - {p.file for p in parts})
     for name in gone:
         filesystem.delete_file(f"{root}/{name}")
     return len(gone)

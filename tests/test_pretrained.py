@@ -14,6 +14,11 @@ from dualsearch.search import Searcher
 from .conftest import WORDS
 
 
+# one transformer size for the text and vision towers of the tiny CLIP and SigLIP
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+TINY_VISION = {**TINY, "image_size": 32, "patch_size": 8}
+
+
 def _bert_tokenizer(d, max_len):
     from transformers import BertTokenizerFast
 
@@ -30,12 +35,9 @@ def tiny_clip(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-clip")
     tok, vocab = _bert_tokenizer(d, 16)
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
-                                  "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
+    cfg = CLIPConfig(text_config={**TINY, "vocab_size": vocab, "max_position_embeddings": 16,
                                   "eos_token_id": tok.sep_token_id, "pad_token_id": 0, "bos_token_id": tok.cls_token_id},
-                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-                     projection_dim=24)
+                     vision_config=TINY_VISION, projection_dim=24)
     CLIPModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
@@ -49,10 +51,8 @@ def tiny_siglip(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-siglip")
     tok, vocab = _bert_tokenizer(d, 12)
     torch.manual_seed(1)
-    cfg = SiglipConfig(text_config={"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
-                                    "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 12},
-                       vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                                      "num_attention_heads": 2, "image_size": 32, "patch_size": 8})
+    cfg = SiglipConfig(text_config={**TINY, "vocab_size": vocab, "max_position_embeddings": 12},
+                       vision_config=TINY_VISION)
     SiglipModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(d)

@@ -107,6 +107,9 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
 
     if kind not in ann.KINDS:
         raise IndexError_(f"unknown --ann {kind!r}: choose one of {', '.join(ann.KINDS)}")
+    shard_size = sp.DEFAULT_SHARD_SIZE if shard_size is None else shard_size
+    if shard_size < 1:  # before anything is read or changed
+        raise sp.SparkIndexError(f"--shard-size must be at least 1, got {shard_size}")
     t0 = time.perf_counter()
     out = Path(out)
     src = str(src)
@@ -131,7 +134,7 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
                 if key[len(sp.TAR_META):] not in tar_set:
                     catalog.db.execute("DELETE FROM meta WHERE key = ?", (key,))
         report.removed = catalog.remove(gone)
-        parts = sp.make_parts(files, tars, shard_size or sp.DEFAULT_SHARD_SIZE, model_hash)
+        parts = sp.make_parts(files, tars, shard_size, model_hash)
         out_uri = embeddings or str(out / sp.EMBEDDINGS_DIR)
         done = sp.done_parts(out_uri)
         pending = [p for p in parts if p.file not in done]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dualsearch.data.captions import read_dataset
+from dualsearch.data.readers import read_dataset
 from dualsearch.data.shapes import generate_shapes
 
 BENCH_DIR = Path(os.environ.get("DUALSEARCH_BENCH_DIR", "bench-out"))

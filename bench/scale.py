@@ -125,12 +125,13 @@ def child_ingest(root: str, n: int, out: mp.Queue) -> None:
 
     from dualsearch.index import spark as sp
     from dualsearch.index.catalog import Catalog
+    from dualsearch.index.plan import SHARD_PREFIX, Part
 
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as d:
         cat = Catalog(d, create=True)
         t0 = time.perf_counter()
         for f in sorted(Path(root).glob("part-*.parquet")):
-            sp.ingest(cat, sp.Part(f.stem[len(sp.SHARD_PREFIX):], "files", ()), root, DIM)
+            sp.ingest(cat, Part(f.stem[len(SHARD_PREFIX):], "files", ()), root, DIM)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         read = sum(len(ids) for ids, _ in cat.iter_vectors(DIM))  # one pass of the index build

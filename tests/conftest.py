@@ -71,7 +71,7 @@ def tiny_model_config(tiny_text_model, tiny_vision_model):
 def tiny_model(tmp_path_factory, shapes_data, tiny_model_config):
     """A tiny dual encoder trained for 2 epochs on the generated data (a saved model folder)."""
     from dualsearch.config import TrainConfig
-    from dualsearch.data.captions import read_dataset
+    from dualsearch.data.readers import read_dataset
     from dualsearch.train.fit import fit
 
     captions, root = shapes_data

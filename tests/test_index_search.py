@@ -12,9 +12,9 @@ from PIL import Image
 
 from dualsearch.cli import main
 from dualsearch.index import ann
-from dualsearch.index.build import IndexError_, build_index
-from dualsearch.index.catalog import Catalog
-from dualsearch.search import Searcher
+from dualsearch.index.build import build_index
+from dualsearch.index.catalog import Catalog, CatalogError
+from dualsearch.search import QueryError, Searcher
 
 
 @pytest.fixture()
@@ -112,7 +112,7 @@ def test_resume_after_sigkill(tmp_path, collection, tiny_model):
     build_index(collection, tiny_model, ref, num_workers=0, progress=False)
     a, b = Catalog(out), Catalog(ref)
     assert a.count() == b.count() == total
-    assert set(a.stats()) == set(b.stats())
+    assert set(a.file_stats()) == set(b.file_stats())
     ia, va = a.vectors(16)
     assert len(set(ia)) == len(ia)
     pa = a.paths_for(ia)
@@ -143,7 +143,7 @@ def test_exact_and_ann_agree_and_queries(tmp_path, collection, tiny_model):
     neg = a.search("a red circle", subtract=["red"], k=5)
     assert [r.path for r in combo] != [r.path for r in a.search("a red circle", k=5)] or combo
     assert neg[0].score <= 1.0
-    with pytest.raises(ValueError, match="empty query"):
+    with pytest.raises(QueryError, match="empty query"):
         a.search(k=3)
 
 
@@ -157,7 +157,7 @@ def test_model_mismatch_and_damaged_files(tmp_path, collection, tiny_model, tiny
     state = load_file(str(other / "model.safetensors"))
     state["logit_scale"] = state["logit_scale"] + 1
     save_file(state, str(other / "model.safetensors"))
-    with pytest.raises(IndexError_, match="another model"):
+    with pytest.raises(CatalogError, match="another model"):
         build_index(collection, other, out, num_workers=0, progress=False)
     assert main(["search", str(out), "a circle", "--model", str(other)]) == 2
     assert "re-index" in capsys.readouterr().err

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from dualsearch.cli import main
-from dualsearch.data.captions import read_dataset
-from dualsearch.data.tfrecord import frame, parse_example_bytes
+from dualsearch.data.readers import read_dataset
+from dualsearch.data.readers.tfrecord import frame, parse_example_bytes
 
 
 def _varint(n):
@@ -148,7 +148,7 @@ def small_model(tiny_model):
 
 
 def test_onnx_export_parity(tmp_path, small_model, shapes_data):
-    from dualsearch.export import OnnxDualEncoder
+    from dualsearch.encode.onnx_encoders import OnnxDualEncoder
     from dualsearch.model.dual_encoder import DualEncoder
 
     assert main(["-q", "export", str(small_model), "--onnx", str(tmp_path / "onnx")]) == 0

@@ -5,8 +5,9 @@ import tarfile
 import pytest
 from PIL import Image
 
-from dualsearch.data.captions import (DataError, read_coco, read_dataset, read_folder, read_table,
-                                      read_webdataset, split_records)
+from dualsearch.data.readers import (FORMATS, REGISTRY, DataError, detect_format, read_coco, read_dataset,
+                                     read_folder, read_table, read_webdataset)
+from dualsearch.data.split import split_records
 from dualsearch.data.records import normalize_caption
 
 
@@ -157,3 +158,14 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert not {r.name for r in a["train"]} & {r.name for r in a["val"]}
     c = split_records(recs, {"train": 0.8, "val": 0.2}, seed=4)
     assert [r.name for r in a["val"]] != [r.name for r in c["val"]]
+
+
+def test_registry_feeds_formats_and_detection(tmp_path):
+    assert FORMATS[0] == "auto" and set(FORMATS[1:]) == set(REGISTRY)
+    for name, fmt in REGISTRY.items():
+        assert name in FORMATS and fmt.name == name
+        for suffix in fmt.suffixes:
+            assert detect_format(tmp_path / f"data{suffix}") == name
+            assert detect_format(tmp_path / f"DATA{suffix.upper()}") == name
+    with pytest.raises(DataError, match="unknown format 'nope'"):
+        read_dataset(tmp_path, fmt="nope")

@@ -2,7 +2,7 @@ import hashlib
 import json
 
 from dualsearch.cli import main
-from dualsearch.data.captions import read_dataset
+from dualsearch.data.readers import read_dataset
 from dualsearch.data.shapes import generate_shapes
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 import tarfile
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,10 +31,11 @@ def spark():
 
 def catalog_rows(index) -> tuple[dict, dict]:
     """-> ({path: vector} of indexed files, {path: reason} of skipped ones)."""
-    cat = Catalog(index)
+    cat = Catalog(index, readonly=True)
     try:
-        vecs = {p: np.frombuffer(v, np.float32) for p, v in
-                cat.db.execute("SELECT path, vector FROM files WHERE status = 'indexed'")}
+        ids, vectors = cat.vectors(int(json.loads((Path(index) / "manifest.json").read_text())["dim"]))
+        paths = cat.paths_for(ids)
+        vecs = {paths[int(i)]: v for i, v in zip(ids, vectors)}
         return vecs, dict(cat.skipped())
     finally:
         cat.close()
@@ -77,15 +79,17 @@ def test_rerun_after_partial_run_ends_without_duplicates(tmp_path, collection, t
     out = tmp_path / "idx"
     emb = out / "embeddings"
     # a run killed after Spark wrote 2 of its 4 shards (one task's temp file left behind) ...
-    from dualsearch.engine import NormalizedImageEncoder, verified_onnx
-    from dualsearch.index.manifest import model_content_hash
+    from dualsearch.encode.backends import verified_onnx
+    from dualsearch.encode.cache import default_cache_dir
+    from dualsearch.encode.modules import NormalizedImageEncoder
+    from dualsearch.index.plan import list_inputs, make_parts
     from dualsearch.model.dual_encoder import DualEncoder
-    from dualsearch.train.features import default_cache_dir
+    from dualsearch.model.folder import model_content_hash
 
     model = DualEncoder.load(tiny_model)
     mhash = model_content_hash(str(tiny_model.resolve()))
-    inputs = sp.list_inputs(str(collection))
-    parts = sp.make_parts(inputs.files, inputs.tars, 7, mhash)
+    inputs = list_inputs(str(collection))
+    parts = make_parts(inputs.files, inputs.tars, 7, mhash)
     onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), f"encoder-{mhash}", model.image_tower.image_size,
                                  default_cache_dir())
     stats = sp.run_parts(spark, parts[:2], str(onnx_file), model.image_tower.preprocessor(), str(emb))
@@ -259,9 +263,10 @@ def test_executor_side_needs_no_torch(tmp_path, collection, tiny_model):  # noqa
     import subprocess
     import sys
 
-    from dualsearch.engine import NormalizedImageEncoder, verified_onnx
+    from dualsearch.encode.backends import verified_onnx
+    from dualsearch.encode.cache import default_cache_dir
+    from dualsearch.encode.modules import NormalizedImageEncoder
     from dualsearch.model.dual_encoder import DualEncoder
-    from dualsearch.train.features import default_cache_dir
 
     model = DualEncoder.load(tiny_model)
     onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), "executor-test", model.image_tower.image_size,

@@ -7,12 +7,13 @@ import torch
 
 from dualsearch.cli import main
 from dualsearch.config import TrainConfig
-from dualsearch.data.captions import read_dataset, split_records
+from dualsearch.data.readers import read_dataset
+from dualsearch.data.split import split_records
 from dualsearch.data.records import ImageCaption, ImageRef
-from dualsearch.embed import embed_records
+from dualsearch.encode.features import compute_image_features, embed_records
+from dualsearch.encode.cache import FeatureCache
 from dualsearch.model.dual_encoder import DualEncoder, ModelError
 from dualsearch.model.towers import TowerError, build_image_tower, build_text_tower
-from dualsearch.train.features import FeatureCache, compute_image_features
 from dualsearch.train.fit import fit
 
 

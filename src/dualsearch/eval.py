@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .data.readers import DataError
+
 log = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
@@ -88,7 +90,7 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: n
     (the first caption of each image as the query, a hit when the image is in the top ``k``)."""
     text_image = np.asarray(text_image)
     if len(image_emb) == 0 or len(text_emb) == 0:
-        raise ValueError("retrieval metrics need at least one image and one caption")
+        raise DataError("retrieval metrics need at least one image and one caption")
     t2i = text_to_image_ranks(image_emb, text_emb, text_image, block_elems)
     i2t = image_to_text_ranks(image_emb, text_emb, text_image, block_elems)
     _, first = np.unique(text_image, return_index=True)  # first caption of each image

@@ -22,9 +22,16 @@ import numpy as np
 from .data.images import load_image, load_stored
 from .index import ann
 from .index.catalog import Catalog
-from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, model_content_hash, read_manifest
+from .encode.onnx_encoders import load_text_encoder
+from .errors import DualsearchError
+from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, read_manifest
+from .model.folder import model_content_hash
 
 log = logging.getLogger(__name__)
+
+
+class QueryError(DualsearchError):
+    """A query that cannot be answered: empty, cancelling out, or naming an id the index lacks."""
 
 
 @dataclass
@@ -50,9 +57,7 @@ class Searcher:
         self.dim = int(manifest["dim"])
         self.lock = threading.RLock()  # one query at a time: SQLite connection, models
         self._model = None
-        from .onnx_text import load_if_present
-
-        self.text_encoder = load_if_present(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"])
+        self.text_encoder = load_text_encoder(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"])
 
     @classmethod
     def open(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None) -> "Searcher":
@@ -74,7 +79,7 @@ class Searcher:
         if index.d != manifest["dim"]:
             raise IndexError_(f"{folder}: dimension mismatch between index ({index.d}) and manifest "
                               f"({manifest['dim']})")
-        return cls(folder, manifest, model_path, index, Catalog(folder))
+        return cls(folder, manifest, model_path, index, Catalog(folder, readonly=True))
 
     @property
     def model(self):
@@ -110,7 +115,7 @@ class Searcher:
     def id_vector(self, vector_id: int) -> np.ndarray:
         v = self.catalog.vector_for(vector_id, self.dim)
         if v is None:
-            raise KeyError(vector_id)
+            raise QueryError(f"no indexed image with id {vector_id}")
         return v
 
     def combine(self, texts: Sequence[tuple[str, float]] = (), images: Sequence[tuple[object, float]] = (),
@@ -120,11 +125,11 @@ class Searcher:
         parts += [w * self.image_vector(i) for i, w in images]
         parts += [w * v for v, w in vectors]
         if not parts:
-            raise ValueError("empty query: give text, an image, or both")
+            raise QueryError("empty query: give text, an image, or both")
         q = np.sum(parts, axis=0).astype(np.float32)
         norm = np.linalg.norm(q)
         if norm < 1e-8:
-            raise ValueError("the query terms cancel out")
+            raise QueryError("the query terms cancel out")
         return q / norm
 
     # ------------------------------------------------------------------ search

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .captions import CaptionDataset
+from ..errors import UsageError
+from .readers import CaptionDataset
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def write_webdataset(dataset: CaptionDataset, out_dir: str | os.PathLike, shard_
     import webdataset as wds
 
     if shard_size < 1:
-        raise ValueError("shard size must be at least 1")
+        raise UsageError("shard size must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pattern = str(out / "shard-%06d.tar")

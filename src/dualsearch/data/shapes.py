@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ..errors import UsageError
+
 log = logging.getLogger(__name__)
 
 COLOURS = {
@@ -235,9 +237,9 @@ def parse_size(size: str | int) -> tuple[int, int]:
     try:
         width, height = int(w), int(h or w)
     except ValueError:
-        raise ValueError(f"bad image size {size!r}: use PX or WxH") from None
+        raise UsageError(f"bad image size {size!r}: use PX or WxH") from None
     if width < 16 or height < 16:
-        raise ValueError(f"bad image size {size!r}: at least 16 pixels a side")
+        raise UsageError(f"bad image size {size!r}: at least 16 pixels a side")
     return width, height
 
 
@@ -248,7 +250,7 @@ def generate_shapes(out: str | os.PathLike, images: int, seed: int = 0, size: st
     Returns the captions file. The same seed gives byte-identical output.
     """
     if images < 1:
-        raise ValueError("--images must be at least 1")
+        raise UsageError("--images must be at least 1")
     width, height = parse_size(size)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import faiss
 import numpy as np
 
+from ..errors import DualsearchError
+
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -29,7 +31,7 @@ FLAT_MAX = 50_000
 HNSW_COARSE_MIN = 2_000_000  # IVF-PQ over more vectors than this uses an HNSW coarse quantizer
 
 
-class ANNError(ValueError):
+class ANNError(DualsearchError):
     pass
 
 

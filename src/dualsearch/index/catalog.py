@@ -1,56 +1,118 @@
 """The catalog: an SQLite file inside an index folder, the source of truth for what is indexed.
 
 One row per file: path, size, mtime, status (``indexed`` or ``skipped``), the skip reason, the
-vector id and the vector itself. Work is committed in batches inside transactions, so a run
-killed at any point leaves a consistent catalog and the next run resumes where it stopped.
-The FAISS index is derived from it (``generation`` tells when it is stale).
+vector id and the vector itself. Work is committed in transactions (``with
+catalog.transaction():``), so a run killed at any point leaves a consistent catalog and the next
+run resumes where it stopped. The FAISS index is derived from it (``generation`` tells when it is
+stale). Every statement lives in this module; callers use the named methods.
 """
 from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+
+from ..errors import DualsearchError
 
 SCHEMA_VERSION = 1
 CATALOG_FILE = "catalog.sqlite"
 
 
-class CatalogError(ValueError):
-    pass
+class CatalogError(DualsearchError):
+    """A catalog that cannot be opened or used (missing, damaged, another schema or model)."""
+
+
+class FileStat(NamedTuple):
+    """What tells a changed file: size in bytes and mtime in nanoseconds."""
+
+    size: int
+    mtime_ns: int
+
+
+class IndexedFile(NamedTuple):
+    path: str
+    size: int
+    mtime_ns: int
+    vector: np.ndarray  # [D] float32, unit length
+
+
+class SkippedFile(NamedTuple):
+    path: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+class Skip(NamedTuple):
+    path: str
+    reason: str
+
+
+def _prefix_bounds(prefix: str) -> tuple[str, str]:
+    """[low, high) of the strings that start with ``prefix`` (an index range scan, unlike LIKE)."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 class Catalog:
-    def __init__(self, folder: str | os.PathLike, create: bool = False):
+    """``Catalog(folder)`` opens ``folder/catalog.sqlite``; ``create=True`` makes it when missing,
+    ``readonly=True`` opens it without write access. Raises :class:`CatalogError`."""
+
+    def __init__(self, folder: str | os.PathLike, create: bool = False, readonly: bool = False):
         self.path = Path(folder) / CATALOG_FILE
-        if not create and not self.path.is_file():
+        self.readonly = readonly
+        if not (create and not readonly) and not self.path.is_file():
             raise CatalogError(f"{folder}: not a dualsearch index (no {CATALOG_FILE})")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._depth = 0
         try:
-            # one connection shared by a server's threads: callers serialise access (Searcher's lock)
-            self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            if readonly:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60,
+                                          check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # one connection shared by a server's threads: callers serialise access (Searcher's lock)
+                self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
             self._init_schema()
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"{self.path}: damaged catalog ({e})") from e
 
     def _init_schema(self) -> None:
-        with self.db:
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self.db.execute("""CREATE TABLE IF NOT EXISTS files (
-                path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-                status TEXT NOT NULL CHECK (status IN ('indexed', 'skipped')), reason TEXT,
-                vector_id INTEGER UNIQUE, vector BLOB)""")
-            version = self.get_meta("schema_version")
-            if version is None:
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
-                self.set_meta("generation", "0")
-            elif int(version) != SCHEMA_VERSION:
-                raise CatalogError(f"{self.path}: catalog schema {version} is not supported "
-                                   f"(this dualsearch reads {SCHEMA_VERSION}); re-index into a new folder")
+        if not self.readonly:
+            with self.transaction():
+                self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+                self.db.execute("""CREATE TABLE IF NOT EXISTS files (
+                    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+                    status TEXT NOT NULL CHECK (status IN ('indexed', 'skipped')), reason TEXT,
+                    vector_id INTEGER UNIQUE, vector BLOB)""")
+                if self.get_meta("schema_version") is None:
+                    self.set_meta("schema_version", str(SCHEMA_VERSION))
+                    self.set_meta("generation", "0")
+        version = self.get_meta("schema_version")
+        if version is None or int(version) != SCHEMA_VERSION:
+            raise CatalogError(f"{self.path}: catalog schema {version} is not supported "
+                               f"(this dualsearch reads {SCHEMA_VERSION}); re-index into a new folder")
+
+    @contextmanager
+    def transaction(self) -> Iterator["Catalog"]:
+        """Everything inside commits together, or not at all (nested blocks join the outer one)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            with self.db:
+                yield self
+        finally:
+            self._depth = 0
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str) -> str | None:
@@ -58,89 +120,110 @@ class Catalog:
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        with self.transaction():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every meta key starting with ``prefix`` -> its value."""
+        return dict(self.db.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?",
+                                    _prefix_bounds(prefix)))
+
+    def delete_meta(self, keys: Iterable[str]) -> None:
+        with self.transaction():
+            self.db.executemany("DELETE FROM meta WHERE key = ?", [(k,) for k in keys])
 
     @property
     def generation(self) -> int:
+        """Bumped by every change to the files table (the ANN index records the one it was built from)."""
         return int(self.get_meta("generation") or 0)
 
     def _bump(self) -> None:
         self.set_meta("generation", str(self.generation + 1))
 
-    # ------------------------------------------------------------------ files
-    def stats(self) -> dict[str, tuple[int, int]]:
-        """path -> (size, mtime_ns) of every known file."""
-        return {p: (s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM files")}
+    def bind_model(self, model_hash: str, model_path: str) -> None:
+        """Record the model the vectors come from; raises :class:`CatalogError` when the catalog
+        already holds another model's vectors."""
+        recorded = self.get_meta("model_hash")
+        if recorded and recorded != model_hash:
+            raise CatalogError(f"{self.path.parent}: built with another model ({self.get_meta('model_path')}, "
+                               f"hash {recorded}); index into a new folder, or pass that model")
+        if not recorded:
+            with self.transaction():
+                self.set_meta("model_hash", model_hash)
+                self.set_meta("model_path", model_path)
 
-    def next_vector_id(self) -> int:
+    # ------------------------------------------------------------------ files
+    def file_stats(self) -> dict[str, FileStat]:
+        """path -> (size, mtime_ns) of every known file, indexed or skipped."""
+        return {p: FileStat(s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM files")}
+
+    def _next_vector_id(self) -> int:
         row = self.db.execute("SELECT MAX(vector_id) FROM files").fetchone()
         nxt = int(self.get_meta("next_vector_id") or 0)
         return max(nxt, (row[0] + 1) if row[0] is not None else 0)
 
-    def write_batch(self, indexed: Sequence[tuple[str, int, int, np.ndarray]],
-                    skipped: Sequence[tuple[str, int, int, str]]) -> None:
-        """Insert or replace rows in one transaction: (path, size, mtime_ns, vector) and
-        (path, size, mtime_ns, reason)."""
-        with self.db:
-            self.insert(indexed, skipped)
-
-    def insert(self, indexed: Sequence[tuple[str, int, int, np.ndarray]],
-               skipped: Sequence[tuple[str, int, int, str]]) -> None:
-        """:meth:`write_batch` inside the caller's transaction (``with catalog.db:``)."""
-        vid = self.next_vector_id()
-        rows = []
-        for path, size, mtime, vec in indexed:
-            rows.append((path, size, mtime, "indexed", None, vid, np.asarray(vec, np.float32).tobytes()))
-            vid += 1
-        rows += [(path, size, mtime, "skipped", reason, None, None) for path, size, mtime, reason in skipped]
-        self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-        self.set_meta("next_vector_id", str(vid))  # ids are never reused
-        self._bump()
-
-    def remove_prefix(self, prefix: str) -> int:
-        """Delete every row whose path starts with ``prefix``, inside the caller's transaction."""
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        cur = self.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", (prefix, upper))
-        if cur.rowcount:
+    def write_batch(self, indexed: Sequence[IndexedFile], skipped: Sequence[SkippedFile]) -> None:
+        """Insert or replace rows in one transaction (or the caller's); indexed rows get new vector
+        ids, which are never reused."""
+        with self.transaction():
+            vid = self._next_vector_id()
+            rows = []
+            for f in map(IndexedFile._make, indexed):
+                rows.append((f.path, f.size, f.mtime_ns, "indexed", None, vid,
+                             np.asarray(f.vector, np.float32).tobytes()))
+                vid += 1
+            rows += [(f.path, f.size, f.mtime_ns, "skipped", f.reason, None, None)
+                     for f in map(SkippedFile._make, skipped)]
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self.set_meta("next_vector_id", str(vid))
             self._bump()
-        return cur.rowcount
-
-    def meta_with_prefix(self, prefix: str) -> dict[str, str]:
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        return dict(self.db.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?", (prefix, upper)))
 
     def remove(self, paths: Iterable[str]) -> int:
+        """Delete these rows. -> how many were asked for."""
         paths = list(paths)
-        with self.db:
+        with self.transaction():
             self.db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
             if paths:
                 self._bump()
         return len(paths)
 
+    def remove_prefix(self, prefix: str) -> int:
+        """Delete every row whose path starts with ``prefix``. -> rows deleted."""
+        with self.transaction():
+            cur = self.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", _prefix_bounds(prefix))
+            if cur.rowcount:
+                self._bump()
+        return cur.rowcount
+
     def count(self, status: str = "indexed") -> int:
         return self.db.execute("SELECT COUNT(*) FROM files WHERE status = ?", (status,)).fetchone()[0]
 
-    def skipped(self) -> list[tuple[str, str]]:
-        return list(self.db.execute("SELECT path, reason FROM files WHERE status = 'skipped' ORDER BY path"))
+    def skipped(self) -> list[Skip]:
+        """Skipped files with their reasons, by path."""
+        return [Skip(*r) for r in self.db.execute(
+            "SELECT path, reason FROM files WHERE status = 'skipped' ORDER BY path")]
 
+    # ------------------------------------------------------------------ vectors
     def iter_vectors(self, dim: int, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids [b], vectors [b, dim]) in batches, ordered by vector id."""
+        """(ids ``[b]`` int64, vectors ``[b, dim]`` float32) in batches, ordered by vector id."""
         cur = self.db.execute("SELECT vector_id, vector FROM files WHERE status = 'indexed' ORDER BY vector_id")
         while True:
             rows = cur.fetchmany(batch)
             if not rows:
                 return
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
+            ids = np.fromiter((vid for vid, _ in rows), dtype=np.int64, count=len(rows))
+            vecs = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
             yield ids, vecs
 
     def vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """All (ids ``[N]``, vectors ``[N, dim]``) at once."""
         parts = list(self.iter_vectors(dim))
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def paths_for(self, ids: Sequence[int]) -> dict[int, str]:
+        """vector id -> path for the ids that exist (negative ids, FAISS's "none", are ignored)."""
         ids = [int(i) for i in ids if i >= 0]
         if not ids:
             return {}

@@ -1,23 +1,33 @@
-"""Index folder layout and manifest, and the model-folder facts an index needs (no torch import)."""
+"""Index folder layout and manifest (no torch import).
+
+INDEX/
+  catalog.sqlite   files, statuses, vectors (source of truth; see :mod:`.catalog`)
+  vectors.faiss    the ANN index built from the catalog (rebuilt when the catalog changed)
+  manifest.json    model (path + content hash), dimension, metric, count, ANN kind and parameters
+  text_encoder/    the model's text encoder as ONNX (queries without torch), when it exports
+  embeddings/      Spark runs only: the Parquet shards the executors wrote
+"""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
+
+from ..errors import DualsearchError
 
 MANIFEST_FILE = "manifest.json"
 ANN_FILE = "vectors.faiss"
 TEXT_ENCODER_DIR = "text_encoder"
 MANIFEST_VERSION = 1
-MODEL_FILES = ("config.json", "model.safetensors")
 
 
-class IndexError_(ValueError):
+class IndexError_(DualsearchError):
     """An index folder that cannot be used as asked (name avoids the builtin)."""
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The manifest of an index folder, None when there is none; raises :class:`IndexError_`
+    for a damaged one."""
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return None
@@ -28,16 +38,7 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
 
 
 def write_manifest(folder: Path, doc: dict) -> None:
+    """Write the manifest atomically (temp file renamed into place)."""
     tmp = folder / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
     os.replace(tmp, folder / MANIFEST_FILE)
-
-
-def model_content_hash(folder: str | os.PathLike) -> str:
-    """A short hash of a model folder's config and weights (what an index records)."""
-    h = hashlib.sha256()
-    for name in MODEL_FILES:
-        with open(Path(folder) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]

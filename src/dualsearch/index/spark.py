@@ -1,12 +1,11 @@
-"""Embed a collection on Apache Spark, then build the index from the Parquet shards it wrote.
+"""The Spark runner: embed a plan's parts on Apache Spark, then ingest the Parquet shards written.
 
-The driver lists the inputs (a folder, a file listing paths or URIs, or WebDataset shards), drops
-what the catalog already holds, and cuts the rest into parts: ``shard_size`` files each, or one
-tar shard each. A part's name is a hash of what it holds and of the model, so a re-run cuts the
-same parts and skips those whose Parquet shard exists (resume at shard granularity, as
-img2dataset's incremental mode). Spark runs one task per part (``mapInArrow``); each Python
-worker loads the image encoder once, an ONNX export shipped with ``SparkContext.addFile``, so
-executors need only numpy, Pillow, pyarrow and ONNX Runtime at run time. A task writes its shard
+The plan (:mod:`.plan`: list, diff against the catalog, cut into parts named by a hash of what
+they hold and of the model) is made on the driver; a re-run cuts the same parts and skips those
+whose Parquet shard exists (resume at shard granularity, as img2dataset's incremental mode).
+Spark runs one task per part (``mapInArrow``); each Python worker loads the image encoder once,
+an ONNX export shipped with ``SparkContext.addFile``, so executors need only numpy, Pillow,
+pyarrow and ONNX Runtime at run time. A task writes its shard
 (paths, sizes, mtimes, statuses, skip reasons, unit vectors) to a temporary name and renames it
 into place, so a retried or speculative task never leaves half a shard or a duplicate.
 
@@ -20,132 +19,34 @@ This module imports neither torch nor the model at the top: executors unpickle
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image
+from ..data.records import ImageRef, SkipLog
+from ..data.readers.webdataset import scan_shard
+from ..encode.runtime import ort_session
+from ..errors import DualsearchError
+from .catalog import IndexedFile, SkippedFile
+from .plan import PART_META, SHARD_PREFIX, TAR_META, Part, Plan, make_parts
 
 log = logging.getLogger(__name__)
 
-SHARD_PREFIX = "part-"
 DEFAULT_SHARD_SIZE = 10_000
 EMBEDDINGS_DIR = "embeddings"
-TAR_META = "tar:"  # catalog meta key prefix: tar shard path -> "size:mtime_ns" once ingested
-PART_META = "part:"  # catalog meta key prefix: shard name -> rows, once ingested
 
 
-class SparkIndexError(ValueError):
-    pass
-
-
-# ----------------------------------------------------------------------------- inputs and parts
-@dataclass
-class Inputs:
-    files: list[tuple[str, int, int]]  # (path or URI, size, mtime_ns); URIs and missing files: (uri, 0, 0)
-    tars: list[tuple[str, int, int]]  # WebDataset shards
-
-    def __len__(self) -> int:
-        return len(self.files) + len(self.tars)
-
-
-def _stat(path: str) -> tuple[str, int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return path, -1, 0  # gone or dangling: the executor records why
-    return path, st.st_size, st.st_mtime_ns
-
-
-def list_inputs(src: str, exclude: Sequence[str] = ()) -> Inputs:
-    """What ``src`` names: a folder of images (or of ``.tar`` shards), WebDataset shards (a
-    ``.tar`` file, a glob or a brace pattern), or a text file listing one path or URI a line."""
-    import fnmatch
-
-    from ..data.captions import DataError, expand_shards, list_images
-
-    def excluded(p: str) -> bool:
-        return any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(os.path.basename(p), pat) for pat in exclude)
-
-    if os.path.isdir(src):
-        files = list_images(src, exclude)
-        if files:
-            return Inputs([_stat(os.path.abspath(p)) for p in files], [])
-        tars = [os.path.abspath(t) for t in expand_shards(src) if not excluded(t)]
-        if not tars:
-            raise DataError(f"{src}: no images and no .tar shards in this folder")
-        return Inputs([], [_stat(t) for t in tars])
-    if src.endswith(".tar") or any(ch in src for ch in "*?[{"):
-        tars = [os.path.abspath(t) for t in expand_shards(src) if not excluded(t)]
-        missing = [t for t in tars if not os.path.isfile(t)]
-        if not tars or missing:
-            raise DataError(f"{src}: no such WebDataset shard{': ' + missing[0] if missing else 's'}")
-        return Inputs([], [_stat(t) for t in tars])
-    if not os.path.isfile(src):
-        raise DataError(f"{src}: no such folder, shard or list file")
-    base = os.path.dirname(os.path.abspath(src))
-    files, seen = [], set()
-    try:
-        lines = Path(src).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{src}: not a text file listing paths or URIs ({e.reason})") from e
-    for line in lines:
-        item = line.strip()
-        if not item or item.startswith("#"):
-            continue
-        if item.startswith("file://"):
-            from urllib.parse import unquote, urlparse
-
-            item = unquote(urlparse(item).path)
-        if not is_uri(item):
-            item = os.path.normpath(os.path.join(base, item))  # relative to the list file
-        if item in seen or excluded(item):
-            continue
-        seen.add(item)
-        files.append((item, 0, 0) if is_uri(item) else _stat(item))
-    if not files:
-        raise DataError(f"{src}: the list names no images")
-    return Inputs(files, [])
-
-
-@dataclass(frozen=True)
-class Part:
-    name: str
-    kind: str  # "files" or "tar"
-    items: tuple  # files: ((path, size, mtime_ns), ...); tar: ((shard, size, mtime_ns),)
-
-    @property
-    def file(self) -> str:
-        return f"{SHARD_PREFIX}{self.name}.parquet"
-
-
-def _part_name(kind: str, items: Sequence, model_hash: str) -> str:
-    h = hashlib.sha1(json.dumps([kind, model_hash, list(items)]).encode())
-    return h.hexdigest()[:20]
-
-
-def make_parts(files: Sequence[tuple[str, int, int]], tars: Sequence[tuple[str, int, int]], shard_size: int,
-               model_hash: str) -> list[Part]:
-    """Sorted files cut into chunks of ``shard_size``; one part per tar shard."""
-    if shard_size < 1:
-        raise SparkIndexError(f"--shard-size must be at least 1, got {shard_size}")
-    files = sorted(files)
-    parts = []
-    for s in range(0, len(files), shard_size):
-        chunk = tuple(tuple(f) for f in files[s:s + shard_size])
-        parts.append(Part(_part_name("files", chunk, model_hash), "files", chunk))
-    for t in sorted(tars):
-        parts.append(Part(_part_name("tar", [tuple(t)], model_hash), "tar", (tuple(t),)))
-    return parts
+class SparkIndexError(DualsearchError):
+    """A Spark run that cannot start or finish (its finished shards are kept for the next run)."""
 
 
 # ----------------------------------------------------------------------------- storage (local or URI)
@@ -185,26 +86,18 @@ def _encoder(path: str, threads: int):
     """One ONNX Runtime session per Python worker and encoder file (Spark reuses workers)."""
     key = (path, threads)
     if key not in _ENCODERS:
-        from ..runtime import ort_session
-
         _ENCODERS[key] = ort_session(path, threads, gpu=True)
     return _ENCODERS[key]
 
 
 def _part_items(part_kind: str, items: list) -> tuple[list, list]:
     """-> ([(name, size, mtime_ns, source)], [(name, size, mtime_ns, reason)]) for a part."""
-    from ..data.records import ImageRef, SkipLog
-
     if part_kind == "files":
         return [(p, s, m, p) for p, s, m in items], []
-    from collections import OrderedDict
-
-    from ..data.captions import _scan_shard
-
     (shard, size, mtime), = items
     refs: dict[str, ImageRef] = {}
     skipped = SkipLog()
-    _scan_shard(shard, OrderedDict(), refs, skipped)
+    scan_shard(shard, OrderedDict(), refs, skipped)
     good = [(r.name, r.size, mtime, r) for r in refs.values()]
     return good, [(name, 0, mtime, reason) for name, reason in skipped.entries]
 
@@ -385,33 +278,85 @@ def read_shard(out_uri: str, file_name: str, batch_rows: int = 50_000) -> Iterat
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
 
 
-def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
-    """Copy one shard into the catalog in one transaction. -> (indexed, skipped)."""
+def _shard_rows(batch, dim: int, file_name: str) -> tuple[list[IndexedFile], list[SkippedFile]]:
+    """One record batch of a shard as catalog rows."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    table = pa.Table.from_batches([batch])
+    ok = pc.equal(table["status"], "indexed")
+    good, bad = table.filter(ok), table.filter(pc.invert(ok))
+    vecs = np.asarray(good["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
+                      np.float32).reshape(-1, dim) if good.num_rows else np.zeros((0, dim), np.float32)
+    if len(vecs) != good.num_rows:
+        raise SparkIndexError(f"{file_name}: vectors of dimension {dim} expected")
+    indexed = [IndexedFile(*row, v) for row, v in zip(
+        zip(good["path"].to_pylist(), good["size"].to_pylist(), good["mtime_ns"].to_pylist()), vecs)]
+    skipped = [SkippedFile(p, s, m, r or "skipped") for p, s, m, r in zip(
+        bad["path"].to_pylist(), bad["size"].to_pylist(), bad["mtime_ns"].to_pylist(), bad["reason"].to_pylist())]
+    return indexed, skipped
+
+
+def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
+    """Copy one shard into the catalog in one transaction. -> (indexed, skipped)."""
     n_ok = n_bad = 0
-    with catalog.db:
+    with catalog.transaction():
         if part.kind == "tar":
             shard, size, mtime = part.items[0]
             catalog.remove_prefix(f"{shard}::")  # members gone from a rewritten shard
         for batch in read_shard(out_uri, part.file):
-            table = pa.Table.from_batches([batch])
-            ok = pc.equal(table["status"], "indexed")
-            good, bad = table.filter(ok), table.filter(pc.invert(ok))
-            vecs = np.asarray(good["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                              np.float32).reshape(-1, dim) if good.num_rows else np.zeros((0, dim), np.float32)
-            if len(vecs) != good.num_rows:
-                raise SparkIndexError(f"{part.file}: vectors of dimension {dim} expected")
-            indexed = list(zip(good["path"].to_pylist(), good["size"].to_pylist(), good["mtime_ns"].to_pylist(),
-                               vecs))
-            skipped = [(p, s, m, r or "skipped") for p, s, m, r in zip(
-                bad["path"].to_pylist(), bad["size"].to_pylist(), bad["mtime_ns"].to_pylist(),
-                bad["reason"].to_pylist())]
-            catalog.insert(indexed, skipped)
+            indexed, skipped = _shard_rows(batch, dim, part.file)
+            catalog.write_batch(indexed, skipped)
             n_ok += len(indexed)
             n_bad += len(skipped)
         if part.kind == "tar":
             catalog.set_meta(TAR_META + shard, f"{size}:{mtime}")
         catalog.set_meta(PART_META + part.name, str(n_ok + n_bad))
     return n_ok, n_bad
+
+
+# ----------------------------------------------------------------------------- the runner
+def _embed_pending(job, pending: Sequence[Part], out_uri: str, batch_size: int, max_pixels: int | None,
+                   master: str | None, spark, report) -> str:
+    """Run the parts not yet written on Spark; -> the master they ran on."""
+    from ..encode.backends import verified_onnx
+    from ..encode.cache import default_cache_dir
+    from ..encode.modules import NormalizedImageEncoder
+
+    model = job.model
+    verified = verified_onnx(NormalizedImageEncoder(model), f"encoder-{job.model_hash}",
+                             model.image_tower.image_size, default_cache_dir())
+    if verified is None:
+        raise SparkIndexError("the Spark engine ships the image encoder as ONNX, and this model's did not "
+                              "export; index with --engine torch instead")
+    session = spark or spark_session(master)
+    log.info("embedding %d shards on Spark (%s)", len(pending), session.sparkContext.master)
+    t1 = time.perf_counter()
+    stats = run_parts(session, pending, str(verified[0]), model.image_tower.preprocessor(), out_uri, batch_size,
+                      max_pixels)
+    report.embed_seconds = time.perf_counter() - t1
+    report.embedded = sum(r[1] for r in stats)
+    report.worker_peak_mb = max(r[4] for r in stats)
+    log.info("Spark: %d shards in %.1f s; a shard took %.1f-%.1f s; Python workers peaked at %.0f MiB",
+             len(stats), report.embed_seconds, min(r[3] for r in stats), max(r[3] for r in stats),
+             report.worker_peak_mb)
+    return session.sparkContext.master
+
+
+def run_plan(job, plan: Plan, report, out_uri: str, shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = 64,
+             max_pixels: int | None = None, master: str | None = None, spark=None) -> None:
+    """The Spark runner: cut the plan into parts, embed those without a shard under ``out_uri`` on
+    Spark, ingest every part's shard into ``job.catalog`` in plan order (a run killed while
+    ingesting re-cuts the same parts), and delete shards no plan or catalog knows."""
+    parts = make_parts(plan.todo, plan.tars, shard_size, job.model_hash)
+    done = done_parts(out_uri)
+    pending = [p for p in parts if p.file not in done]
+    shards = f"{len(pending)} shards embedded, {len(parts) - len(pending)} reused"
+    report.engine = f"spark, {shards}"
+    if pending:
+        used = _embed_pending(job, pending, out_uri, batch_size, max_pixels, master, spark, report)
+        report.engine = f"spark {used}, {shards}"
+    dim = job.model.config.embed_dim
+    for part in parts:
+        report.added += ingest(job.catalog, part, out_uri, dim)[0]
+    remove_abandoned(job.catalog, out_uri, parts)

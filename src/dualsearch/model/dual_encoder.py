@@ -21,20 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
+from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import ProjectionHead
 from .losses import clip_loss, seed_loss, siglip_loss
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-class ModelError(ValueError):
-    """A model folder that cannot be loaded."""
-
 
 class DualEncoder(nn.Module):
     """``encode_image(pixels [B,3,H,W]) -> [B,D]``, ``encode_text(tokens) -> [B,D]``."""
@@ -193,21 +185,6 @@ def resolve_spec(spec: str, folder: str | os.PathLike | None) -> str:
     if spec.startswith("hf:./") and folder is not None:
         return "hf:" + str((Path(folder) / spec[5:]).resolve())
     return spec
-
-
-def read_model_config(folder: str | os.PathLike) -> dict:
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ModelError(f"{folder}: not a dualsearch model folder (no {CONFIG_FILE})")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ModelError(f"{path}: damaged config ({e})") from e
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ModelError(f"{path}: model format {doc.get('format_version')} is not supported "
-                         f"(this dualsearch reads {FORMAT_VERSION})")
-    return doc
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from .dual_encoder import DualEncoder, ModelError
+from .dual_encoder import DualEncoder
+from .folder import ModelError
 from .towers import TowerError, build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,12 @@ from PIL import Image
 from torch import nn
 
 from ..data.images import ImagePreprocessor
+from ..errors import DualsearchError
 
 log = logging.getLogger(__name__)
 
 
-class TowerError(ValueError):
+class TowerError(DualsearchError):
     """A tower spec that cannot be built."""
 
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image, stored_source
 from ..data.records import ImageRef
-from ..search import Result, Searcher
+from ..search import QueryError, Result, Searcher
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +49,24 @@ class CombinedQuery(BaseModel):
     k: int = Field(9, ge=1)
 
 
-def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 * 2**20,
-               cors_origins: list[str] | None = None) -> FastAPI:
-    app = FastAPI(title="dualsearch", description="Natural-language image search over one index.",
-                  version="1")
-    if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
-    root = os.path.realpath(searcher.manifest.get("images_root") or "/nonexistent")
-    thumbs = searcher.folder / "thumbs"
+def hits(results: list[Result]) -> list[Hit]:
+    """API hits: a WebDataset member shows its own name, not its shard's."""
+    return [Hit(id=r.id, score=round(r.score, 6), name=Path(r.path.rsplit("::", 1)[-1]).name,
+                thumb=f"/thumb/{r.id}", image=f"/image/{r.id}") for r in results]
 
-    def hits(results: list[Result]) -> list[Hit]:
-        # a WebDataset member shows its own name, not its shard's
-        return [Hit(id=r.id, score=round(r.score, 6), name=Path(r.path.rsplit("::", 1)[-1]).name,
-                    thumb=f"/thumb/{r.id}", image=f"/image/{r.id}") for r in results]
 
-    def check_k(k: int) -> int:
-        if k > max_k:
-            raise HTTPException(422, f"k is at most {max_k}")
-        return k
+class Sources:
+    """What an id shows: a file, a WebDataset member or an http(s) URI; 404 for an unknown id,
+    not a number, a file gone, or one outside the collection (a symlink out of it)."""
 
-    def source_for(image_id: str) -> str | ImageRef:
-        """What an id shows: a file, a WebDataset member or an http(s) URI; 404 for an unknown id,
-        not a number, a file gone, or one outside the collection (a symlink out of it)."""
+    def __init__(self, searcher: Searcher):
+        self.searcher = searcher
+        self.root = os.path.realpath(searcher.manifest.get("images_root") or "/nonexistent")
+
+    def __call__(self, image_id: str) -> str | ImageRef:
         if not image_id.isdigit():
             raise HTTPException(404, "no such image")
-        path = searcher.path_for(int(image_id))
+        path = self.searcher.path_for(int(image_id))
         if path is None:
             raise HTTPException(404, "no such image")
         if is_uri(path):
@@ -85,13 +78,16 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
         except ImageLoadError as e:
             raise HTTPException(404, "no such image") from e
         real = os.path.realpath(src.path if isinstance(src, ImageRef) else src)
-        if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
+        if os.path.commonpath([real, self.root]) != self.root or not os.path.isfile(real):
             raise HTTPException(404, "no such image")
         return ImageRef(real, src.member, src.offset, src.size) if isinstance(src, ImageRef) else real
 
-    @app.get("/health")
-    async def health() -> dict:  # on the event loop: answers while worker threads are busy searching
-        return {"status": "ok", "images": len(searcher)}
+
+def _search_routes(app: FastAPI, searcher: Searcher, sources: Sources, max_k: int, max_upload_bytes: int) -> None:
+    def check_k(k: int) -> int:
+        if k > max_k:
+            raise HTTPException(422, f"k is at most {max_k}")
+        return k
 
     @app.get("/api/search", response_model=SearchResponse)
     def search_text(q: str = Query(..., min_length=1, max_length=1000), k: int = Query(9, ge=1)):
@@ -104,7 +100,7 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
             raise HTTPException(404, "no such image")
         try:
             res = searcher.search(body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=body.like_id)
-        except ValueError as e:
+        except QueryError as e:
             raise HTTPException(422, str(e)) from e
         return SearchResponse(query=body.q or "", results=hits(res))
 
@@ -122,12 +118,14 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
 
     @app.get("/api/similar/{image_id}", response_model=SearchResponse)
     def similar(image_id: str, k: int = Query(9, ge=1)):
-        source_for(image_id)
+        sources(image_id)
         return SearchResponse(query="", results=hits(searcher.search(k=check_k(k), like_id=int(image_id))))
 
+
+def _image_routes(app: FastAPI, sources: Sources, thumbs: Path) -> None:
     @app.get("/image/{image_id}")
     def image(image_id: str):
-        src = source_for(image_id)
+        src = sources(image_id)
         if isinstance(src, ImageRef):
             try:
                 data = src.read_bytes()
@@ -140,7 +138,7 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
 
     @app.get("/thumb/{image_id}")
     def thumb(image_id: str):
-        src = source_for(image_id)
+        src = sources(image_id)
         out = thumbs / f"{int(image_id)}.jpg"
         if not out.is_file():
             make_thumbnail(src, out)
@@ -149,6 +147,24 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
     @app.exception_handler(ImageLoadError)
     def bad_image(_, exc: ImageLoadError):
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+
+def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 * 2**20,
+               cors_origins: list[str] | None = None) -> FastAPI:
+    """The FastAPI app over one open :class:`Searcher`: search API, image/thumbnail serving by
+    id, the search page. ``max_k`` caps results per request; uploads over ``max_upload_bytes``
+    get 413."""
+    app = FastAPI(title="dualsearch", description="Natural-language image search over one index.", version="1")
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
+    sources = Sources(searcher)
+
+    @app.get("/health")
+    async def health() -> dict:  # on the event loop: answers while worker threads are busy searching
+        return {"status": "ok", "images": len(searcher)}
+
+    _search_routes(app, searcher, sources, max_k, max_upload_bytes)
+    _image_routes(app, sources, searcher.folder / "thumbs")
 
     @app.get("/")
     def page():

@@ -12,18 +12,21 @@ file (the framing cannot be trusted after it), keeping what was read before.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import struct
 from collections import OrderedDict
 from typing import Iterator
 
-from .records import ImageRef, SkipLog
+from ..records import ImageRef, SkipLog
+from .base import CaptionDataset, Format, read_containers
 
 _MASK_DELTA = 0xA282EAD8
 
 
 def masked_crc32c(data: bytes) -> int:
+    """The masked CRC32C TFRecord framing uses (``google_crc32c`` must be installed)."""
     import google_crc32c
 
     crc = google_crc32c.value(data)
@@ -37,7 +40,11 @@ def frame(data: bytes) -> bytes:
 
 
 def iter_records(path: str, skipped: SkipLog) -> Iterator[tuple[int, bytes]]:
-    """(absolute offset of the data, data) for each record with a valid CRC."""
+    """(absolute offset of the data, data) for each record with a valid CRC.
+
+    Never raises for bad framing: a record with a bad data CRC is skipped, a broken header ends the
+    file; both are recorded in ``skipped``. Raises :class:`OSError` if the file cannot be opened.
+    """
     with open(path, "rb") as f:
         index = 0
         while True:
@@ -107,7 +114,8 @@ def parse_example_bytes(buf: bytes) -> dict[str, list[tuple[int, int]]]:
     """The bytes features of a ``tf.train.Example``: name -> [(start, end) of each value in ``buf``].
 
     Example{features=1: Features{feature=1: map<string, Feature>}}; Feature{bytes_list=1:
-    BytesList{value=1: repeated bytes}} (float and int64 lists are ignored)."""
+    BytesList{value=1: repeated bytes}} (float and int64 lists are ignored). Raises
+    :class:`ValueError` (or :class:`UnicodeDecodeError` for a key) on a malformed message."""
     out: dict[str, list[tuple[int, int]]] = {}
     for f1, w1, s1, e1 in _fields(buf, 0, len(buf)):
         if f1 != 1 or w1 != 2:
@@ -133,7 +141,10 @@ def parse_example_bytes(buf: bytes) -> dict[str, list[tuple[int, int]]]:
 
 def scan_tfrecord(path: str, groups: OrderedDict, refs: dict, skipped: SkipLog, caption_key: str = "caption",
                   image_key: str = "raw_image") -> None:
-    """Add the records of one file: captions grouped under the sha1 of their image bytes."""
+    """Add the records of one file: captions grouped under the sha1 of their image bytes.
+
+    Never raises for a bad file: unreadable files and corrupt records are recorded in ``skipped``.
+    """
     try:
         for n, (offset, data) in enumerate(iter_records(path, skipped)):
             try:
@@ -155,9 +166,29 @@ def scan_tfrecord(path: str, groups: OrderedDict, refs: dict, skipped: SkipLog, 
 
 
 def expand_tfrecords(spec: str | os.PathLike) -> list[str]:
-    import glob
-
+    """TFRecord files from a folder (``*.tfrecord``, ``*.tfrec``), a glob or one path."""
     spec = str(spec)
     if os.path.isdir(spec):
         return sorted(p for p in glob.glob(os.path.join(spec, "*")) if p.endswith((".tfrecord", ".tfrec")))
     return sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
+
+
+def read_tfrecords(source: str | os.PathLike, captions_per_image: int | None = None) -> CaptionDataset:
+    """The reference's TFRecord shards (a file, a folder or a glob; see the module docstring).
+
+    Raises :class:`DataError` if ``source`` names no file; bad records are skipped and reported.
+    """
+    return read_containers(expand_tfrecords(source), scan_tfrecord, str(source), "TFRecord files",
+                           captions_per_image)
+
+
+def _read(source, images=None, path_column=None, caption_column=None, captions_per_image=None) -> CaptionDataset:
+    return read_tfrecords(source, captions_per_image)
+
+
+def _has_tfrecords(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, "*.tfrecord")) or glob.glob(os.path.join(folder, "*.tfrec")))
+
+
+TFRECORD = Format("tfrecord", _read, suffixes=(".tfrecord", ".tfrec"), detect_folder=_has_tfrecords,
+                  folder_priority=20, help="TFRecord shards of tf.train.Example (caption, raw_image)")

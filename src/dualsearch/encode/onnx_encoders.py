@@ -1,7 +1,6 @@
-"""A text encoder exported to ONNX, run with ONNX Runtime and the `tokenizers` library alone.
-
-`dualsearch search` and `serve` use it for text queries when the index holds one (written at
-index time), so that answering a query never imports torch or transformers.
+"""Encoders run from an ONNX export folder with ONNX Runtime and the ``tokenizers`` library alone
+(torch-free): ``dualsearch search`` and ``serve`` answer text queries with the text encoder an
+index holds, so that a query never imports torch or transformers.
 """
 from __future__ import annotations
 
@@ -13,17 +12,18 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data.images import ImagePreprocessor
+from .runtime import ort_session
+
 log = logging.getLogger(__name__)
 
 
 class OnnxTextEncoder:
     """``embed(texts) -> [N, D]`` unit vectors, from a folder with text_encoder.onnx, tokenizer.json
-    and export.json."""
+    and export.json (:func:`dualsearch.encode.export.export_text_encoder`)."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
         from tokenizers import Tokenizer
-
-        from .runtime import ort_session
 
         folder = Path(folder)
         self.meta = json.loads((folder / "export.json").read_text())
@@ -40,6 +40,7 @@ class OnnxTextEncoder:
         self.session = ort_session(folder / "text_encoder.onnx", threads)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Strings -> float32 unit embeddings ``[N, D]``; longer texts are truncated (logged)."""
         encodings = self.tokenizer.encode_batch(list(texts))
         over = [t for t, e in zip(texts, encodings) if e.overflowing]
         if over:
@@ -51,8 +52,9 @@ class OnnxTextEncoder:
         return self.session.run(None, feed)[0]
 
 
-def load_if_present(folder: str | os.PathLike, model_hash: str) -> OnnxTextEncoder | None:
-    """The encoder in ``folder`` if it was exported from the model with ``model_hash``."""
+def load_text_encoder(folder: str | os.PathLike, model_hash: str) -> OnnxTextEncoder | None:
+    """The encoder in ``folder`` if it was exported from the model with ``model_hash``; None when
+    there is none, it belongs to another model, or it does not load (then torch answers)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / "export.json").read_text())
@@ -65,3 +67,24 @@ def load_if_present(folder: str | os.PathLike, model_hash: str) -> OnnxTextEncod
     except Exception as e:  # onnxruntime raises its own error types for damaged files
         log.warning("%s: cannot load the ONNX text encoder (%s); using torch", folder, e)
         return None
+
+
+class OnnxDualEncoder:
+    """Embeds texts and images with ONNX Runtime from an export folder (no torch model)."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        folder = Path(folder)
+        self.text = OnnxTextEncoder(folder, threads)
+        self.meta = self.text.meta
+        self.image_session = ort_session(folder / "image_encoder.onnx", threads)
+        im = self.meta["image"]
+        self.preprocess = ImagePreprocessor(im["size"], tuple(im["mean"]), tuple(im["std"]), im["resize"])
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Strings -> unit embeddings ``[N, D]``."""
+        return self.text.embed(texts)
+
+    def embed_images(self, images: Sequence) -> np.ndarray:
+        """RGB PIL images -> unit embeddings ``[N, D]``."""
+        pixels = np.stack([self.preprocess.array(img) for img in images])
+        return self.image_session.run(None, {"pixels": pixels})[0]

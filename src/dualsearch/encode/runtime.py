@@ -5,9 +5,19 @@ from __future__ import annotations
 import os
 
 
+def onnx_available() -> bool:
+    """Whether ``onnxruntime`` imports."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def ort_session(path: str | os.PathLike, threads: int | None = None, gpu: bool = False):
-    """An ONNX Runtime session on the CPU, quiet below errors; ``threads`` intra-op threads (ONNX
-    Runtime's default where None); ``gpu``: the CUDA provider first where onnxruntime-gpu has it."""
+    """An ONNX Runtime ``InferenceSession`` for the model at ``path``, quiet below errors;
+    ``threads`` intra-op threads (ONNX Runtime's default where None); ``gpu``: the CUDA provider
+    first where onnxruntime-gpu has it. Raises onnxruntime's own errors for a damaged file."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

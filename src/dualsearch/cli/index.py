@@ -1,0 +1,107 @@
+"""``dualsearch index``, ``embeddings export`` and ``export`` (ONNX)."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UsageError
+
+SPARK_ONLY = ("spark_master", "shard_size", "embeddings")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    if args.from_embeddings:
+        return cmd_index_from_embeddings(args)
+    if not args.images_dir:
+        raise UsageError("give IMAGES_DIR, or --from-embeddings")
+    spark_only = [f"--{k.replace('_', '-')}" for k in SPARK_ONLY if getattr(args, k) is not None]
+    if spark_only and args.engine != "spark":
+        raise UsageError(f"{spark_only[0]} goes with --engine spark")
+    common = dict(kind=args.ann, exclude=args.exclude or (), batch_size=args.batch_size, max_pixels=args.max_pixels,
+                  memory_budget=args.memory_budget * 1e9)
+    if args.engine == "spark":
+        from ..index.build import build_index_spark
+
+        report = build_index_spark(args.images_dir, args.model, args.out, shard_size=args.shard_size,
+                                   master=args.spark_master, embeddings=args.embeddings, **common)
+    else:
+        from ..index.build import build_index
+
+        report = build_index(args.images_dir, args.model, args.out, num_workers=args.workers,
+                             commit_every=args.commit_every, engine=args.engine, **common)
+    print(report.summary())
+    for path, reason in report.skipped[:10]:
+        print(f"  skipped {path}: {reason}")
+    if len(report.skipped) > 10:
+        print(f"  ... and {len(report.skipped) - 10} more (see the catalog)")
+    print(f"index written to {args.out}")
+
+
+def cmd_index_from_embeddings(args: argparse.Namespace) -> None:
+    from ..index.build import index_vectors
+    from ..index.interop import read_embeddings
+
+    paths, vectors = read_embeddings(args.from_embeddings)
+    report = index_vectors(args.out, args.model, paths, vectors, kind=args.ann,
+                           memory_budget=args.memory_budget * 1e9, images_root=args.images_dir)
+    print(f"indexed {report.added} vectors from {args.from_embeddings}; index: {report.count} vectors "
+          f"({report.kind})")
+    print(f"index written to {args.out}")
+
+
+def cmd_embeddings_export(args: argparse.Namespace) -> None:
+    from ..index.interop import write_embeddings
+
+    n = write_embeddings(args.index, args.out)
+    print(f"wrote {n} vectors to {args.out}/img_emb and their paths to {args.out}/metadata")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ..encode.export import export_onnx_model
+
+    out = export_onnx_model(args.model, args.onnx)
+    print(f"wrote {out}/image_encoder.onnx, {out}/text_encoder.onnx, tokenizer files and export.json")
+
+
+def _index_parser(sub) -> None:
+    p = sub.add_parser("index", help="embed a folder of images into a searchable index (incremental)")
+    p.add_argument("images_dir", nargs="?",
+                   help="folder of images; with --engine spark also a text file listing paths or URIs, or "
+                        "WebDataset shards (x.tar, 'shards-{000..099}.tar'); with --from-embeddings: their root")
+    p.add_argument("--from-embeddings", metavar="SRC",
+                   help="index vectors computed elsewhere: a folder with img_emb/*.npy + metadata/*.parquet "
+                        "(clip-retrieval), or a Parquet file with image_path and embedding columns")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, metavar="INDEX")
+    p.add_argument("--ann", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching files (repeatable)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--commit-every", type=int, default=256, help="images per catalog transaction")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "spark"],
+                   help="image encoder runtime (auto: ONNX Runtime on CPU, torch on GPU); spark: spread the "
+                        "embedding over a Spark cluster (ONNX Runtime on the executors)")
+    p.add_argument("--spark-master", metavar="URL",
+                   help="with --engine spark: the master (default: the spark-submit session, else local[*])")
+    p.add_argument("--shard-size", type=int, metavar="N",
+                   help="with --engine spark: images per Parquet shard and Spark task (default 10000)")
+    p.add_argument("--embeddings", metavar="DIR",
+                   help="with --engine spark: where the Parquet shards go (default INDEX/embeddings; "
+                        "a shared path or an s3://, gs://, hdfs:// URI on a cluster)")
+    p.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 179M, as Pillow)")
+    p.add_argument("--memory-budget", type=float, default=8.0, help="GB the ANN index may use (for --ann auto)")
+    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.set_defaults(func=cmd_index)
+
+
+def register(sub) -> None:
+    _index_parser(sub)
+    p = sub.add_parser("export", help="export a model's encoders as ONNX (with a small ONNX Runtime loader)")
+    p.add_argument("model")
+    p.add_argument("--onnx", required=True, metavar="OUT", help="folder to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embeddings", help="move embeddings in and out of an index")
+    esub = p.add_subparsers(dest="embeddings_command", required=True)
+    p = esub.add_parser("export", help="an index's vectors and paths in clip-retrieval's layout")
+    p.add_argument("index")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_embeddings_export)

@@ -1,0 +1,76 @@
+"""``dualsearch search``, ``serve`` and ``demo``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UsageError
+from .common import open_searcher
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from ..search import save_grid
+
+    if not args.query and not args.image and not args.add:
+        raise UsageError("give a text query, --image PATH, or both")
+    if args.k < 1:
+        raise UsageError("-k must be at least 1")
+    searcher = open_searcher(args.index, args.model)
+    try:
+        results = searcher.search(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
+                                  add=args.add or (), subtract=args.subtract or ())
+    finally:
+        searcher.close()
+    if args.json:
+        print(json.dumps([{"path": r.path, "score": round(r.score, 6)} for r in results]))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  path")
+        for i, r in enumerate(results, 1):
+            print(f"{i:>4}  {r.score:7.4f}  {r.path}")
+    if args.grid:
+        save_grid(results, args.grid, title=args.query or "")
+        if not args.json:
+            print(f"grid written to {args.grid}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from ..server.app import serve
+
+    open_searcher(args.index).close()  # a clear error before the server starts
+    serve(args.index, host=args.host, port=args.port, cors_origins=args.cors_origin, max_k=args.max_k)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ..demo import run_demo
+
+    run_demo(args.out, images=args.images, epochs=args.epochs, model=args.model)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="search an index with text, an image, or both")
+    p.add_argument("index")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
+    p.add_argument("--image", metavar="PATH", help="query image (more like this)")
+    p.add_argument("--image-weight", type=float, default=1.0, help="weight of --image against the text")
+    p.add_argument("--add", action="append", metavar="TEXT", help="extra text to pull results toward")
+    p.add_argument("--subtract", action="append", metavar="TEXT", help="text to push results away from")
+    p.add_argument("--model", help="model folder (default: the one recorded in the index)")
+    p.add_argument("--json", action="store_true", help='print [{"path": .., "score": ..}, ...]')
+    p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("serve", help="serve an index as a search page and JSON API")
+    p.add_argument("index")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this origin (repeatable)")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="generate data, train, evaluate, index and search: the whole path")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--images", type=int, default=1200, help="generated training images")
+    p.add_argument("--epochs", type=int, default=None, help="cap the training epochs")
+    p.add_argument("--model", help="use this model folder instead of training one")
+    p.set_defaults(func=cmd_demo)

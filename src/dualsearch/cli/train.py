@@ -1,0 +1,115 @@
+"""``dualsearch train``, ``eval`` and ``model import``."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UsageError
+from .common import add_data_source_args, add_runtime_args, cache_root, read_source
+
+TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
+                   "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed")
+
+
+def _train_val(args: argparse.Namespace, seed: int):
+    from ..data.split import split_records
+
+    ds = read_source(args)
+    if args.val_captions:
+        return ds.records, read_source(args, prefix="val_").records
+    if not 0 <= args.val_fraction < 1:
+        raise UsageError("--val-fraction must be in [0, 1)")
+    parts = split_records(ds.records, {"train": 1 - args.val_fraction, "val": args.val_fraction}, seed)
+    return parts["train"], parts["val"]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from ..train.finetune import load_for_finetuning
+    from ..train.fit import fit, recipe
+
+    overrides = {k: getattr(args, k) for k in TRAIN_OVERRIDES}
+    if args.augment:
+        overrides["augment"] = True
+    mcfg, tcfg = recipe(args.recipe, **overrides)
+    train, val = _train_val(args, tcfg.seed)
+    if not train:
+        raise UsageError(f"{args.captions}: no usable training records")
+    init = load_for_finetuning(args.init, args.image_trainable, args.text_trainable) if args.init else None
+    result = fit(mcfg, tcfg, train, val, args.out, cache_dir=cache_root(args), use_cache=not args.no_cache,
+                 accelerator=args.accelerator, devices=args.devices, num_workers=args.workers, init_model=init,
+                 extra={"source": str(args.captions)})
+    last = result.history[-1] if result.history else {}
+    best = result.best_val_loss if result.best_val_loss is not None else float("nan")
+    print(f"trained {len(result.history)} epochs ({len(train)} train / {len(val)} val images); "
+          f"last train loss {last.get('train_loss', float('nan')):.4f}, best val loss {best:.4f}")
+    print(f"model written to {result.folder}")
+    print(f"loss curve: {result.folder}/loss.png")
+
+
+def cmd_model_import(args: argparse.Namespace) -> None:
+    from ..model.hf_import import import_hf
+
+    c = import_hf(args.source, args.out).config
+    print(f"imported {args.source} into {args.out}: {c.embed_dim}-d embeddings, {c.loss} loss, "
+          f"temperature {c.temperature:.4g}")
+    print(f"next: dualsearch index PHOTOS --model {args.out} --out INDEX")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..encode.features import embed_records
+    from ..eval import retrieval_metrics
+    from ..model.dual_encoder import DualEncoder
+
+    model = DualEncoder.load(args.model)
+    ds = read_source(args, captions_per_image=args.captions_per_image)
+    records = ds.records[: args.limit] if args.limit else ds.records
+    if not records:
+        raise UsageError(f"{args.captions}: no usable records to evaluate")
+    emb = embed_records(model, records, cache_root(args), num_workers=args.workers)
+    metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=args.k)
+    print(json.dumps(metrics.as_dict()) if args.json else metrics.table())
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a dual encoder")
+    add_data_source_args(p)
+    add_data_source_args(p, required=False, prefix="val-")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out images when no --val-captions")
+    p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write")
+    p.add_argument("--recipe", default="default", choices=["default", "seed"],
+                   help="seed: the reference exactly; default: ours (see README)")
+    p.add_argument("--init", metavar="MODEL", help="start from this model folder (fine-tuning)")
+    p.add_argument("--image-tower", help="efficientnet-lite0 (default), hf:<id|path>, timm:<name>")
+    p.add_argument("--text-tower", help="minilm-l6 (default), hf:<id|path>")
+    p.add_argument("--image-trainable", help="frozen (default), all, last:N")
+    p.add_argument("--text-trainable", help="frozen (default), all, last:N")
+    p.add_argument("--loss", choices=["seed", "clip", "siglip"])
+    p.add_argument("--temperature", type=float)
+    for name, kind in (("embed-dim", int), ("head-layers", int), ("epochs", int), ("batch-size", int), ("lr", float),
+                       ("weight-decay", float), ("captions-per-image", int), ("seed", int)):
+        p.add_argument(f"--{name}", type=kind)
+    p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
+    p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
+    p.add_argument("--devices", default="auto", help="number of devices (several GPUs use DDP)")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def register(sub) -> None:
+    _train_parser(sub)
+    p = sub.add_parser("model", help="manage model folders")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("import", help="make a model folder from a pretrained CLIP / SigLIP (Hugging Face)")
+    p.add_argument("source", help="hf:<hub id or local folder>, e.g. hf:openai/clip-vit-base-patch32")
+    p.add_argument("--out", required=True, metavar="MODEL")
+    p.set_defaults(func=cmd_model_import)
+
+    p = sub.add_parser("eval", help="Recall@K both ways and top-k accuracy")
+    p.add_argument("--model", required=True)
+    add_data_source_args(p)
+    p.add_argument("--k", type=int, default=100, help="k of the top-k accuracy (default 100)")
+    p.add_argument("--captions-per-image", type=int, help="use only the first N captions of each image")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--json", action="store_true")
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_eval)

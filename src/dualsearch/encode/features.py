@@ -1,0 +1,179 @@
+"""Tower features and embeddings of image-caption records, through the feature cache.
+
+Frozen towers' features are computed once per item and cached (:mod:`.cache`); a trainable tower
+is run every time. :func:`embed_records` gives the unit embeddings evaluation and the demo use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..data.records import ImageCaption, ImageRef, SkipLog
+from .backends import image_forward, text_forward
+from .cache import FeatureCache, default_cache_dir, image_key, open_caches, text_key
+from .loader import image_loader
+
+log = logging.getLogger(__name__)
+
+
+def _fill_from_cache(cache: FeatureCache | None, keys: Sequence[str], feats: np.ndarray, n: int) -> list[int]:
+    """Copy cached rows into ``feats``; return the indices still to compute."""
+    if cache is None:
+        return list(range(n))
+    found = cache.get_many(keys)
+    todo = []
+    for i, k in enumerate(keys):
+        if k in found:
+            feats[i] = found[k]
+        else:
+            todo.append(i)
+    return todo
+
+
+@torch.inference_mode()
+def compute_image_features(tower, refs: Sequence[ImageRef], cache: FeatureCache | None = None,
+                           batch_size: int = 64, num_workers: int | None = None, device: str = "cpu",
+                           skipped: SkipLog | None = None, desc: str = "image features", engine: str = "auto",
+                           cache_root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image tower features for ``refs`` -> (features ``[N, F]`` float32, ok mask ``[N]`` bool).
+
+    Bad images get a zero row, ``ok=False`` and an entry in ``skipped``. ONNX exports go under
+    ``cache_root`` (default :func:`default_cache_dir`)."""
+    feats = np.zeros((len(refs), tower.output_dim), dtype=np.float32)
+    keys = [image_key(r) for r in refs] if cache else []
+    todo = _fill_from_cache(cache, keys, feats, len(refs))
+    ok = np.ones(len(refs), dtype=bool)
+    ok[todo] = False
+    if cache:
+        log.info("%s: %d cached, %d to compute", desc, len(refs) - len(todo), len(todo))
+    if not todo:
+        return feats, ok
+    forward, used = image_forward(tower, tower.fingerprint(), tower.image_size, cache_root or default_cache_dir(),
+                                  engine, device)
+    t0 = time.perf_counter()
+    with tqdm(total=len(todo), desc=desc, unit="img") as bar:
+        for idx, pixels, bad in image_loader([refs[i] for i in todo], tower, batch_size, num_workers):
+            for j, reason in bad:
+                if skipped is not None:
+                    skipped.add(refs[todo[j]].name, reason)
+            if pixels is not None:
+                out = forward(pixels)
+                rows = [todo[j] for j in idx]
+                feats[rows], ok[rows] = out, True
+                if cache:
+                    cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
+            bar.update(len(idx) + len(bad))
+    log.info("%s: %d images in %.1f s (%s)", desc, len(todo), time.perf_counter() - t0, used)
+    return feats, ok
+
+
+@torch.inference_mode()
+def compute_text_features(tower, texts: Sequence[str], cache: FeatureCache | None = None,
+                          batch_size: int = 256, device: str = "cpu", desc: str = "text features",
+                          engine: str = "auto", cache_root: str | os.PathLike | None = None) -> np.ndarray:
+    """Text tower features for ``texts`` -> ``[M, F]`` float32 (batches sorted by length)."""
+    feats = np.zeros((len(texts), tower.output_dim), dtype=np.float32)
+    keys = [text_key(t) for t in texts] if cache else []
+    todo = _fill_from_cache(cache, keys, feats, len(texts))
+    if not todo:
+        return feats
+    forward, used = text_forward(tower, tower.fingerprint(), cache_root or default_cache_dir(), engine, device)
+    todo.sort(key=lambda i: len(texts[i]))  # short padding
+    t0 = time.perf_counter()
+    for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+        rows = todo[s:s + batch_size]
+        out = forward(tower.tokenize([texts[i] for i in rows]))
+        feats[rows] = out
+        if cache:
+            cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
+    log.info("%s: %d texts in %.1f s (%s)", desc, len(todo), time.perf_counter() - t0, used)
+    return feats
+
+
+def flatten_captions(records: Sequence[ImageCaption]) -> tuple[list[str], np.ndarray]:
+    """All captions, and for each the index of its image (``[M]`` int64)."""
+    texts, owner = [], []
+    for i, r in enumerate(records):
+        texts.extend(r.captions)
+        owner.extend([i] * len(r.captions))
+    return texts, np.asarray(owner, dtype=np.int64)
+
+
+@dataclass
+class TowerFeatures:
+    """What :func:`tower_features` computed: a side not asked for is None."""
+
+    records: list[ImageCaption]  # the records whose image decoded (all of them when images were not asked for)
+    image: np.ndarray | None  # [N, F_image]
+    text: np.ndarray | None  # [M, F_text], every caption of ``records``
+    text_image: np.ndarray  # [M] index into ``records`` of each caption's image
+    skipped: SkipLog
+
+
+def tower_features(model, records: Sequence[ImageCaption], cache_root: str | os.PathLike | None,
+                   device: str = "cpu", num_workers: int | None = None, batch_size: int = 64,
+                   images: bool = True, texts: bool = True, use_cache: bool = True) -> TowerFeatures:
+    """Both towers' features of ``records`` (frozen towers through the cache under ``cache_root``;
+    no caching when ``use_cache`` is false or ``cache_root`` is None). Images are not decoded when
+    ``images=False``."""
+    img_cache, txt_cache = open_caches(model, cache_root if use_cache else None)
+    skipped = SkipLog()
+    kept, img_f = list(records), None
+    try:
+        if images:
+            feats, ok = compute_image_features(model.image_tower, [r.image for r in records], img_cache,
+                                               batch_size=batch_size, num_workers=num_workers, device=device,
+                                               skipped=skipped, cache_root=cache_root)
+            kept, img_f = [r for r, good in zip(records, ok) if good], feats[ok]
+        captions, owner = flatten_captions(kept)
+        text_f = (compute_text_features(model.text_tower, captions, txt_cache, device=device, cache_root=cache_root)
+                  if texts else None)
+    finally:
+        for c in (img_cache, txt_cache):
+            if c:
+                c.close()
+    skipped.report("images")
+    return TowerFeatures(kept, img_f, text_f, owner, skipped)
+
+
+@torch.inference_mode()
+def apply_head(head: torch.nn.Module, feats: np.ndarray, device: str = "cpu", batch: int = 8192) -> np.ndarray:
+    """A projection head over tower features, L2-normalised: ``[N, F] -> [N, D]`` float32."""
+    head.eval()
+    if len(feats) == 0:
+        dim = head(torch.zeros(1, feats.shape[1], device=device)).shape[1]
+        return np.zeros((0, dim), np.float32)
+    out = []
+    for s in range(0, len(feats), batch):
+        x = torch.from_numpy(feats[s:s + batch]).to(device)
+        out.append(F.normalize(head(x).float(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@dataclass
+class EmbeddedSet:
+    """Unit embeddings of the images that decoded, and of all their captions."""
+
+    records: list[ImageCaption]
+    image_emb: np.ndarray  # [N, D]
+    text_emb: np.ndarray  # [M, D]
+    text_image: np.ndarray  # [M] image index of each caption
+    skipped: SkipLog
+
+
+def embed_records(model, records: Sequence[ImageCaption], cache_root: str | os.PathLike | None,
+                  device: str = "cpu", num_workers: int | None = None) -> EmbeddedSet:
+    """Embed an image-caption set with a dual encoder (frozen tower features cached under
+    ``cache_root``; None disables the cache)."""
+    f = tower_features(model, records, cache_root, device, num_workers)
+    model.to(device)
+    return EmbeddedSet(f.records, apply_head(model.image_head, f.image, device),
+                       apply_head(model.text_head, f.text, device), f.text_image, f.skipped)

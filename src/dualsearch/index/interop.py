@@ -1,0 +1,92 @@
+"""Embeddings in and out of an index, in clip-retrieval's layout.
+
+``OUT/img_emb/img_emb_0.npy`` (float32 ``[N, D]``) + ``OUT/metadata/metadata_0.parquet``
+(``image_path``), as clip-retrieval writes them; or one Parquet file with a path column and a
+vector column (``fixed_size_list<float32>`` or a list column).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import Catalog
+from .manifest import IndexError_, read_manifest
+
+
+class EmbeddingsError(IndexError_):
+    """Embeddings files that cannot be read as vectors with paths."""
+
+
+def _read_parquet(source: Path, path_column: str, vector_column: str) -> tuple[list[str], np.ndarray]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(source)
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError for a file that is not Parquet
+        raise EmbeddingsError(f"{source}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
+    for col in (path_column, vector_column):
+        if col not in table.column_names:
+            raise EmbeddingsError(f"{source}: no column {col!r} (columns: {', '.join(table.column_names)})")
+    paths = [str(p) for p in table.column(path_column).to_pylist()]
+    try:
+        vectors = np.asarray(table.column(vector_column).to_pylist(), dtype=np.float32)
+    except ValueError as e:  # ragged lists
+        raise EmbeddingsError(f"{source}: column {vector_column!r} does not hold vectors of one length") from e
+    return paths, vectors
+
+
+def read_embeddings(source: str | os.PathLike, path_column: str = "image_path",
+                    vector_column: str = "embedding") -> tuple[list[str], np.ndarray]:
+    """-> (paths, vectors ``[N, D]`` float32) from clip-retrieval's layout (a folder with
+    ``img_emb/*.npy`` + ``metadata/*.parquet``, matched by sorted order) or one Parquet file.
+    Raises :class:`EmbeddingsError` for anything else."""
+    import pyarrow.parquet as pq
+
+    source = Path(source)
+    if source.is_file():
+        return _read_parquet(source, path_column, vector_column)
+    npys = sorted((source / "img_emb").glob("*.npy"))
+    metas = sorted((source / "metadata").glob("*.parquet"))
+    if not npys or len(npys) != len(metas):
+        raise EmbeddingsError(f"{source}: expected img_emb/*.npy and as many metadata/*.parquet files "
+                              f"(found {len(npys)} and {len(metas)})")
+    paths, parts = [], []
+    for npy, meta in zip(npys, metas):
+        try:
+            vec = np.load(npy, allow_pickle=False)
+            table = pq.read_table(meta, columns=[path_column])
+        except Exception as e:  # numpy's ValueError/OSError, pyarrow's errors
+            raise EmbeddingsError(f"{npy.parent.parent}: cannot read {npy.name} / {meta.name} "
+                                  f"({str(e).splitlines()[0]})") from e
+        if len(table) != len(vec):
+            raise EmbeddingsError(f"{meta}: {len(table)} rows for {len(vec)} vectors in {npy}")
+        paths += [str(p) for p in table.column(path_column).to_pylist()]
+        parts.append(vec.astype(np.float32))
+    return paths, np.concatenate(parts)
+
+
+def write_embeddings(index_dir: str | os.PathLike, out: str | os.PathLike) -> int:
+    """An index's vectors and paths in clip-retrieval's layout under ``out``, plus ``model.json``
+    (the model the vectors came from). -> number of vectors written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(index_dir)
+    if manifest is None:
+        raise IndexError_(f"{index_dir}: not a dualsearch index (no manifest.json)")
+    cat = Catalog(index_dir, readonly=True)
+    try:
+        ids, vecs = cat.vectors(int(manifest["dim"]))
+        paths = cat.paths_for(ids)
+    finally:
+        cat.close()
+    out = Path(out)
+    (out / "img_emb").mkdir(parents=True, exist_ok=True)
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    np.save(out / "img_emb" / "img_emb_0.npy", vecs.astype(np.float32))
+    pq.write_table(pa.table({"image_path": [paths[int(i)] for i in ids]}), out / "metadata" / "metadata_0.parquet")
+    (out / "model.json").write_text(json.dumps(manifest["model"], indent=2))
+    return len(ids)

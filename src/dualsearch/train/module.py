@@ -1,0 +1,106 @@
+"""The Lightning module that trains a dual encoder, and the per-epoch history callback."""
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning.pytorch as pl
+import torch
+
+from ..config import TrainConfig
+from ..logs import quiet_libraries
+from ..model.dual_encoder import DualEncoder
+
+# Lightning sets its loggers to INFO on import; keep its tips and banners out of our output
+if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    quiet_libraries()
+
+
+class DualEncoderModule(pl.LightningModule):
+    """Trains ``model`` on batches of (image side, text side): each side is a cached tower feature
+    ``[B, F]`` (``cached[i]`` true: only its head runs) or raw input (pixels ``[B,3,S,S]`` / token
+    dicts: the tower runs every step). The loss is the model's own (seed, CLIP or SigLIP); the
+    learning rate falls on plateaus of ``monitor`` ("val_loss", or "train_loss" without validation)."""
+
+    def __init__(self, model: DualEncoder, tcfg: TrainConfig, cached: tuple[bool, bool], monitor: str = "val_loss"):
+        super().__init__()
+        self.model = model
+        self.tcfg = tcfg
+        self.cached = cached
+        self.monitor = monitor
+        self.strict_loading = False
+
+    def on_train_epoch_start(self):
+        # heads (and trainable towers) train; frozen towers stay in eval mode (no dropout, fixed BN)
+        self.model.train()
+        for tower in (self.model.image_tower, self.model.text_tower):
+            if tower.is_frozen:
+                tower.eval()
+
+    def _embed(self, batch):
+        a, b = batch
+        image_cached, text_cached = self.cached
+        img = (self.model.image_head(a) if image_cached
+               else self.model.encode_image(a.contiguous(memory_format=torch.channels_last)))
+        txt = self.model.text_head(b) if text_cached else self.model.encode_text(b)
+        return img, txt
+
+    def training_step(self, batch, _):
+        img, txt = self._embed(batch)
+        loss = self.model.loss(img, txt)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(img))
+        self.log("temperature", 1.0 / self.model.logit_scale.exp(), on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        img, txt = self._embed(batch)
+        self.log("val_loss", self.model.loss(img, txt), on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(img))
+
+    def configure_optimizers(self):
+        """AdamW: heads with weight decay; biases, norms and the logit scale without (as CLIP);
+        trainable tower parameters at ``tower_lr``. ReduceLROnPlateau on the monitored loss."""
+        heads, towers, no_decay = [], [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith(("image_tower.", "text_tower.")):
+                towers.append(p)
+            elif p.dim() < 2:
+                no_decay.append(p)
+            else:
+                heads.append(p)
+        t = self.tcfg
+        groups = [{"params": heads, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if towers:
+            groups.append({"params": towers, "lr": t.tower_lr, "weight_decay": t.weight_decay})
+        opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=t.plateau_factor,
+                                                           patience=t.plateau_patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": self.monitor}}
+
+    def on_save_checkpoint(self, checkpoint):
+        # frozen towers are rebuilt from their spec: keep checkpoints small
+        keep = set(self.model._saved_state())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k.removeprefix("model.") in keep}
+
+
+class History(pl.Callback):
+    """Appends one row an epoch to ``rows``: epoch, train_loss, val_loss, lr, temperature, seconds."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, module):
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        m = trainer.callback_metrics
+        self.rows.append({"epoch": trainer.current_epoch + 1,
+                          "train_loss": float(m.get("train_loss", float("nan"))),
+                          "val_loss": float(m.get("val_loss", float("nan"))),
+                          "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                          "temperature": float(m.get("temperature", float("nan"))),
+                          "seconds": time.perf_counter() - self.t0})

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean chromium java
+.PHONY: demo test lint bench venv clean chromium java
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,7 +34,12 @@ java:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null) || \
 	  { echo "error: Spark needs Java 17+: apt-get install openjdk-17-jre-headless"; exit 1; }
 
-test: $(STAMP) chromium java
+# habits first (seconds): lint, then the architecture contract (layers, no cycles; pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/lint-imports
+
+test: lint chromium java
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)

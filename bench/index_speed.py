@@ -25,7 +25,6 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import BENCH_DIR, machine, shapes, table  # noqa: E402
-
 from dualsearch.config import ModelConfig  # noqa: E402
 from dualsearch.data.images import resize_center_crop  # noqa: E402
 from dualsearch.model.dual_encoder import DualEncoder  # noqa: E402

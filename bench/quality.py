@@ -4,7 +4,8 @@
     python bench/quality.py --captions F --images DIR [--val-fraction 0.1]   # any other data set
 
 Both recipes train on the same images with the same tower features (cached once), and are
-evaluated on 2,000 held-out images from another seed (R@5 on 500 is saturated near 100 % for both): text->image Recall@1/5/10 and top-100 accuracy.
+evaluated on 2,000 held-out images from another seed (R@5 on 500 is saturated near 100 % for both):
+text->image Recall@1/5/10 and top-100 accuracy.
 """
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import BENCH_DIR, machine, shapes, table  # noqa: E402
-
-from dualsearch.logs import quiet_libraries  # noqa: E402
 from dualsearch.data.readers import read_dataset  # noqa: E402
 from dualsearch.data.split import split_records  # noqa: E402
 from dualsearch.encode.features import embed_records  # noqa: E402
 from dualsearch.eval import retrieval_metrics  # noqa: E402
+from dualsearch.logs import quiet_libraries  # noqa: E402
 from dualsearch.train.fit import fit, recipe  # noqa: E402
 
 

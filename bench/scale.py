@@ -28,7 +28,6 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import BENCH_DIR, machine, table  # noqa: E402
-
 from dualsearch.index.spark import peak_rss_mb  # noqa: E402
 
 DIM = 256

@@ -20,7 +20,6 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import machine, table  # noqa: E402
-
 from dualsearch.index import ann  # noqa: E402
 
 DIM = 256

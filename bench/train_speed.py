@@ -16,9 +16,8 @@ import time
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import BENCH_DIR, machine, shapes, table  # noqa: E402
-
-from dualsearch.logs import quiet_libraries  # noqa: E402
 from dualsearch.data.split import split_records  # noqa: E402
+from dualsearch.logs import quiet_libraries  # noqa: E402
 from dualsearch.train.fit import fit, recipe  # noqa: E402
 
 

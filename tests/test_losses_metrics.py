@@ -17,9 +17,9 @@ def _naive_seed(image, text, T):
     sim = [[(float(text[i] @ text[j]) + float(image[i] @ image[j])) / (2 * T) for j in range(B)] for i in range(B)]
     targets = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in sim]
 
-    def ce(t_row, l_row):
-        lse = math.log(sum(math.exp(v) for v in l_row))
-        return -sum(t * (l - lse) for t, l in zip(t_row, l_row))
+    def ce(t_row, logit_row):
+        lse = math.log(sum(math.exp(v) for v in logit_row))
+        return -sum(t * (logit - lse) for t, logit in zip(t_row, logit_row))
 
     col = lambda m, j: [m[i][j] for i in range(B)]  # noqa: E731
     total = 0.0

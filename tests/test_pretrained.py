@@ -13,7 +13,6 @@ from dualsearch.search import Searcher
 
 from .conftest import WORDS
 
-
 # one transformer size for the text and vision towers of the tiny CLIP and SigLIP
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 TINY_VISION = {**TINY, "image_size": 32, "patch_size": 8}
@@ -36,7 +35,8 @@ def tiny_clip(tmp_path_factory):
     tok, vocab = _bert_tokenizer(d, 16)
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config={**TINY, "vocab_size": vocab, "max_position_embeddings": 16,
-                                  "eos_token_id": tok.sep_token_id, "pad_token_id": 0, "bos_token_id": tok.cls_token_id},
+                                  "eos_token_id": tok.sep_token_id, "pad_token_id": 0,
+                                  "bos_token_id": tok.cls_token_id},
                      vision_config=TINY_VISION, projection_dim=24)
     CLIPModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)

@@ -5,10 +5,19 @@ import tarfile
 import pytest
 from PIL import Image
 
-from dualsearch.data.readers import (FORMATS, REGISTRY, DataError, detect_format, read_coco, read_dataset,
-                                     read_folder, read_table, read_webdataset)
-from dualsearch.data.split import split_records
+from dualsearch.data.readers import (
+    FORMATS,
+    REGISTRY,
+    DataError,
+    detect_format,
+    read_coco,
+    read_dataset,
+    read_folder,
+    read_table,
+    read_webdataset,
+)
 from dualsearch.data.records import normalize_caption
+from dualsearch.data.split import split_records
 
 
 def _jpg(path, colour=(200, 0, 0)):

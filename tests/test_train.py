@@ -8,10 +8,10 @@ import torch
 from dualsearch.cli import main
 from dualsearch.config import TrainConfig
 from dualsearch.data.readers import read_dataset
-from dualsearch.data.split import split_records
 from dualsearch.data.records import ImageCaption, ImageRef
-from dualsearch.encode.features import compute_image_features, embed_records
+from dualsearch.data.split import split_records
 from dualsearch.encode.cache import FeatureCache
+from dualsearch.encode.features import compute_image_features, embed_records
 from dualsearch.model.dual_encoder import DualEncoder, ModelError
 from dualsearch.model.towers import TowerError, build_image_tower, build_text_tower
 from dualsearch.train.fit import fit

@@ -20,10 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from .data.images import load_image, load_stored
-from .index import ann
-from .index.catalog import Catalog
 from .encode.onnx_encoders import load_text_encoder
 from .errors import DualsearchError
+from .index import ann
+from .index.catalog import Catalog
 from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, read_manifest
 from .model.folder import model_content_hash
 

@@ -16,8 +16,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     spark_only = [f"--{k.replace('_', '-')}" for k in SPARK_ONLY if getattr(args, k) is not None]
     if spark_only and args.engine != "spark":
         raise UsageError(f"{spark_only[0]} goes with --engine spark")
-    common = dict(kind=args.ann, exclude=args.exclude or (), batch_size=args.batch_size, max_pixels=args.max_pixels,
-                  memory_budget=args.memory_budget * 1e9)
+    common = {"kind": args.ann, "exclude": args.exclude or (), "batch_size": args.batch_size,
+              "max_pixels": args.max_pixels, "memory_budget": args.memory_budget * 1e9}
     if args.engine == "spark":
         from ..index.build import build_index_spark
 

@@ -14,20 +14,20 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import DualsearchError
 from .records import ImageRef
 
 # Pillow's own error threshold (2x MAX_IMAGE_PIXELS); over it an image is skipped.
 DEFAULT_MAX_PIXELS = 178_956_970
 
-ImageSource = Union[str, os.PathLike, bytes, ImageRef]
+ImageSource = str | os.PathLike | bytes | ImageRef
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(DualsearchError):
     """An image that cannot be used; ``str()`` is a one-line message naming the file and reason."""
 
     def __init__(self, name: str, reason: str):

@@ -28,8 +28,15 @@ from ..model.dual_encoder import DualEncoder
 from ..model.folder import model_content_hash
 from . import ann
 from .catalog import Catalog, IndexedFile
-from .manifest import ANN_FILE, MANIFEST_FILE, MANIFEST_VERSION, TEXT_ENCODER_DIR, IndexError_, read_manifest, \
-    write_manifest
+from .manifest import (
+    ANN_FILE,
+    MANIFEST_FILE,
+    MANIFEST_VERSION,
+    TEXT_ENCODER_DIR,
+    IndexError_,
+    read_manifest,
+    write_manifest,
+)
 from .plan import Inputs, Plan, diff, list_folder, list_inputs
 
 log = logging.getLogger(__name__)

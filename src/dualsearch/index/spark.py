@@ -32,8 +32,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image
-from ..data.records import ImageRef, SkipLog
 from ..data.readers.webdataset import scan_shard
+from ..data.records import ImageRef, SkipLog
 from ..encode.runtime import ort_session
 from ..errors import DualsearchError
 from .catalog import IndexedFile, SkippedFile

@@ -28,8 +28,8 @@ from ..data.readers import DataError
 from ..data.records import ImageCaption
 from ..errors import ConfigError
 from ..model.dual_encoder import DualEncoder
-from .pairs import build_loaders
 from .module import DualEncoderModule, History
+from .pairs import build_loaders
 
 log = logging.getLogger(__name__)
 

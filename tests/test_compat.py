@@ -40,10 +40,11 @@ def test_v1_index_opens_and_searches_as_before(old_index):
 
 
 def test_v1_index_takes_a_new_run(old_index, capsys):
-    """Indexing into the old folder from the images' new place: the 12 old rows go, 12 come back."""
+    """Indexing into the old folder from the images' new place: the 12 old rows go (a mass delete,
+    so it is asked for), 12 come back."""
     out = old_index / "index"
     assert main(["-q", "index", str(old_index / "images"), "--model", str(old_index / "model"), "--out", str(out),
-                 "--workers", "0"]) == 0
+                 "--workers", "0", "--allow-mass-delete"]) == 0
     assert "12 embedded" in capsys.readouterr().out
     assert main(["-q", "search", str(out), "two red triangles", "-k", "3", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)

@@ -1,6 +1,8 @@
 import hashlib
 import json
 
+import pytest
+
 from dualsearch.cli import main
 from dualsearch.data.readers import read_dataset
 from dualsearch.data.shapes import generate_shapes
@@ -50,4 +52,7 @@ def test_cli_shapes_convert_roundtrip(tmp_path, capsys):
 def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
     assert main(["data", "info", "--captions", str(tmp_path / "missing.json"), "--images", str(tmp_path)]) == 2
     assert "missing.json: no such file" in capsys.readouterr().err
-    assert main(["data", "shapes", str(tmp_path), "--images", "0"]) == 2
+    with pytest.raises(SystemExit) as e:  # a value out of range is refused by argparse, at parse time
+        main(["data", "shapes", str(tmp_path), "--images", "0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("argument --images: must be at least 1, got 0")

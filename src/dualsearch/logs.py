@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -26,3 +27,17 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose:
         quiet_libraries()
+        silence_progress_bars()
+
+
+def silence_progress_bars() -> None:
+    """Hugging Face's per-file "Loading weights" bars (transformers, huggingface_hub): shown with -v only."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

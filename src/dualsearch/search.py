@@ -134,17 +134,31 @@ class Searcher:
 
     # ------------------------------------------------------------------ search
     def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = ()) -> list[Result]:
-        k = max(1, int(k))
-        scores, ids = self.index.search(q.reshape(1, -1).astype(np.float32), k + len(exclude))
+        """The ``k`` nearest indexed images to the unit query vector ``q [D]``, best first, leaving out
+        the ids in ``exclude``. ``k`` below 1 counts as 1; above the index size it is clamped to it
+        (plus the exclusions), so a huge ``k`` costs no more than the whole index: at most
+        ``len(self)`` results, none from an empty index. Raises :class:`QueryError` when ``k`` is
+        not a whole number."""
+        try:
+            k = max(1, int(k))
+        except (TypeError, ValueError, OverflowError):  # None, "ten", NaN, inf
+            raise QueryError(f"k must be a whole number, got {k!r}") from None
+        fetch = min(k + len(exclude), len(self))
+        if fetch <= 0:
+            return []
+        scores, ids = self.index.search(q.reshape(1, -1).astype(np.float32), fetch)
         paths = self.catalog.paths_for(ids[0])
+        skip = set(exclude)
         out = [Result(paths[i], float(s), int(i)) for s, i in zip(scores[0], ids[0])
-               if i >= 0 and i in paths and i not in set(exclude)]
+               if i >= 0 and i in paths and i not in skip]
         return out[:k]
 
     def search(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
                add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None) -> list[Result]:
         """Text and/or image query, plus extra positive (``add``) and negative (``subtract``) texts,
-        and/or an indexed image's id (more like this). Safe to call from several threads."""
+        and/or an indexed image's id (more like this). At most ``min(k, len(self))`` results, best
+        first (see :meth:`search_vector`). Safe to call from several threads. Raises
+        :class:`QueryError` for an empty or self-cancelling query."""
         with self.lock:
             return self._search(text, k, image, image_weight, add, subtract, like_id)
 

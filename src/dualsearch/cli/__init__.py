@@ -14,6 +14,7 @@ import sys
 from ..errors import DualsearchError
 from ..logs import setup_logging
 from . import data, index, search, train
+from .common import safe_output
 
 log = logging.getLogger("dualsearch")
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 2 a :class:`DualsearchError` (printed as one line),
     or an ``OSError``, 130 interrupted, 1 an internal error (one line; its traceback with ``-v``)."""
+    safe_output(sys.stdout, sys.stderr)
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     try:

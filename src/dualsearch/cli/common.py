@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import io
+
+from .options import non_negative_int
 
 
 def add_data_source_args(p: argparse.ArgumentParser, required: bool = True, prefix: str = "") -> None:
@@ -32,7 +35,7 @@ def read_source(args: argparse.Namespace, captions_per_image: int | None = None,
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="feature cache (default ~/.cache/dualsearch or $DUALSEARCH_CACHE)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.add_argument("--workers", type=non_negative_int, help="image decoding worker processes")
 
 
 def cache_root(args: argparse.Namespace):
@@ -48,3 +51,18 @@ def open_searcher(index: str, model: str | None = None):
     from ..search import Searcher
 
     return Searcher.open(index, model)
+
+
+def safe_output(*streams) -> None:
+    """Make text ``streams`` (stdout, stderr) write what their encoding cannot hold as backslash
+    escapes instead of raising ``UnicodeEncodeError``: a file name with undecodable bytes
+    (``os.fsdecode(b"caf\\xe9.jpg")``, a lone surrogate) or an ASCII pipe must not crash a command.
+    Streams that cannot be reconfigured are left alone."""
+    for stream in streams:
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None:
+            continue
+        try:
+            reconfigure(errors="backslashreplace")
+        except (ValueError, io.UnsupportedOperation):  # closed, or a stream that cannot change now
+            pass

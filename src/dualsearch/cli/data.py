@@ -5,6 +5,7 @@ import argparse
 
 from ..errors import UsageError
 from .common import add_data_source_args, read_source
+from .options import non_negative_int, positive_int, seed
 
 
 def cmd_shapes(args: argparse.Namespace) -> None:
@@ -39,16 +40,16 @@ def register(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True)
     p = dsub.add_parser("shapes", help="generate a captioned-shapes data set (MS-COCO format)")
     p.add_argument("out")
-    p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", type=positive_int, default=1000)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--size", default="224", help="PX or WxH (default 224)")
     p.set_defaults(func=cmd_shapes)
     p = dsub.add_parser("convert", help="write any readable source as WebDataset shards")
     add_data_source_args(p)
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--shard-size", type=positive_int, default=1000, help="images per shard")
     p.set_defaults(func=cmd_convert)
     p = dsub.add_parser("info", help="read a source and say what is in it")
     add_data_source_args(p)
-    p.add_argument("--show", type=int, default=3, help="records to print")
+    p.add_argument("--show", type=non_negative_int, default=3, help="records to print")
     p.set_defaults(func=cmd_info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from .options import non_negative_int, positive_float, positive_int
 
 SPARK_ONLY = ("spark_master", "shard_size", "embeddings")
 
@@ -16,7 +17,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     spark_only = [f"--{k.replace('_', '-')}" for k in SPARK_ONLY if getattr(args, k) is not None]
     if spark_only and args.engine != "spark":
         raise UsageError(f"{spark_only[0]} goes with --engine spark")
-    common = {"kind": args.ann, "exclude": args.exclude or (), "batch_size": args.batch_size,
+    common = {"allow_mass_delete": args.allow_mass_delete, "kind": args.ann, "exclude": args.exclude or (),
+              "batch_size": args.batch_size,
               "max_pixels": args.max_pixels, "memory_budget": args.memory_budget * 1e9}
     if args.engine == "spark":
         from ..index.build import build_index_spark
@@ -74,21 +76,25 @@ def _index_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="INDEX")
     p.add_argument("--ann", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching files (repeatable)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--commit-every", type=int, default=256, help="images per catalog transaction")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--commit-every", type=positive_int, default=256, help="images per catalog transaction")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "spark"],
                    help="image encoder runtime (auto: ONNX Runtime on CPU, torch on GPU); spark: spread the "
                         "embedding over a Spark cluster (ONNX Runtime on the executors)")
     p.add_argument("--spark-master", metavar="URL",
                    help="with --engine spark: the master (default: the spark-submit session, else local[*])")
-    p.add_argument("--shard-size", type=int, metavar="N",
+    p.add_argument("--shard-size", type=positive_int, metavar="N",
                    help="with --engine spark: images per Parquet shard and Spark task (default 10000)")
     p.add_argument("--embeddings", metavar="DIR",
                    help="with --engine spark: where the Parquet shards go (default INDEX/embeddings; "
                         "a shared path or an s3://, gs://, hdfs:// URI on a cluster)")
-    p.add_argument("--max-pixels", type=int, help="skip images with more pixels (default 179M, as Pillow)")
-    p.add_argument("--memory-budget", type=float, default=8.0, help="GB the ANN index may use (for --ann auto)")
-    p.add_argument("--workers", type=int, help="image decoding worker processes")
+    p.add_argument("--max-pixels", type=positive_int, help="skip images with more pixels (default 179M, as Pillow)")
+    p.add_argument("--memory-budget", type=positive_float, default=8.0,
+                   help="GB the ANN index may use (for --ann auto)")
+    p.add_argument("--workers", type=non_negative_int, help="image decoding worker processes")
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help="let this run drop more than half of the index (files really deleted; by default such a "
+                        "run stops, since an unmounted share looks like an empty folder)")
     p.set_defaults(func=cmd_index)
 
 

@@ -6,6 +6,7 @@ import json
 
 from ..errors import UsageError
 from .common import open_searcher
+from .options import finite_float, port, positive_int
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -13,8 +14,6 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if not args.query and not args.image and not args.add:
         raise UsageError("give a text query, --image PATH, or both")
-    if args.k < 1:
-        raise UsageError("-k must be at least 1")
     searcher = open_searcher(args.index, args.model)
     try:
         results = searcher.search(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
@@ -50,9 +49,9 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="search an index with text, an image, or both")
     p.add_argument("index")
     p.add_argument("query", nargs="?", help="text query")
-    p.add_argument("-k", type=int, default=9, help="number of results (default 9)")
+    p.add_argument("-k", type=positive_int, default=9, help="number of results (default 9)")
     p.add_argument("--image", metavar="PATH", help="query image (more like this)")
-    p.add_argument("--image-weight", type=float, default=1.0, help="weight of --image against the text")
+    p.add_argument("--image-weight", type=finite_float, default=1.0, help="weight of --image against the text")
     p.add_argument("--add", action="append", metavar="TEXT", help="extra text to pull results toward")
     p.add_argument("--subtract", action="append", metavar="TEXT", help="text to push results away from")
     p.add_argument("--model", help="model folder (default: the one recorded in the index)")
@@ -63,14 +62,14 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve an index as a search page and JSON API")
     p.add_argument("index")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=port, default=8765)
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this origin (repeatable)")
-    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="generate data, train, evaluate, index and search: the whole path")
     p.add_argument("--out", default="demo-out")
-    p.add_argument("--images", type=int, default=1200, help="generated training images")
-    p.add_argument("--epochs", type=int, default=None, help="cap the training epochs")
+    p.add_argument("--images", type=positive_int, default=1200, help="generated training images")
+    p.add_argument("--epochs", type=positive_int, default=None, help="cap the training epochs")
     p.add_argument("--model", help="use this model folder instead of training one")
     p.set_defaults(func=cmd_demo)

@@ -6,6 +6,9 @@ import json
 
 from ..errors import UsageError
 from .common import add_data_source_args, add_runtime_args, cache_root, read_source
+from .options import fraction, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int, seed
+
+contrastive_batch = int_at_least(2, name="contrastive_batch")  # one positive needs one negative at least
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
                    "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed")
@@ -17,8 +20,6 @@ def _train_val(args: argparse.Namespace, seed: int):
     ds = read_source(args)
     if args.val_captions:
         return ds.records, read_source(args, prefix="val_").records
-    if not 0 <= args.val_fraction < 1:
-        raise UsageError("--val-fraction must be in [0, 1)")
     parts = split_records(ds.records, {"train": 1 - args.val_fraction, "val": args.val_fraction}, seed)
     return parts["train"], parts["val"]
 
@@ -32,8 +33,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides["augment"] = True
     mcfg, tcfg = recipe(args.recipe, **overrides)
     train, val = _train_val(args, tcfg.seed)
-    if not train:
-        raise UsageError(f"{args.captions}: no usable training records")
+    if len(train) < 2:
+        raise UsageError(f"{args.captions}: {len(train)} usable training images; a contrastive batch needs at "
+                         f"least 2")
     init = load_for_finetuning(args.init, args.image_trainable, args.text_trainable) if args.init else None
     result = fit(mcfg, tcfg, train, val, args.out, cache_dir=cache_root(args), use_cache=not args.no_cache,
                  accelerator=args.accelerator, devices=args.devices, num_workers=args.workers, init_model=init,
@@ -74,7 +76,7 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a dual encoder")
     add_data_source_args(p)
     add_data_source_args(p, required=False, prefix="val-")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out images when no --val-captions")
+    p.add_argument("--val-fraction", type=fraction, default=0.1, help="held-out images when no --val-captions")
     p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write")
     p.add_argument("--recipe", default="default", choices=["default", "seed"],
                    help="seed: the reference exactly; default: ours (see README)")
@@ -84,9 +86,10 @@ def _train_parser(sub) -> None:
     p.add_argument("--image-trainable", help="frozen (default), all, last:N")
     p.add_argument("--text-trainable", help="frozen (default), all, last:N")
     p.add_argument("--loss", choices=["seed", "clip", "siglip"])
-    p.add_argument("--temperature", type=float)
-    for name, kind in (("embed-dim", int), ("head-layers", int), ("epochs", int), ("batch-size", int), ("lr", float),
-                       ("weight-decay", float), ("captions-per-image", int), ("seed", int)):
+    p.add_argument("--temperature", type=positive_float)
+    for name, kind in (("embed-dim", positive_int), ("head-layers", non_negative_int), ("epochs", positive_int),
+                       ("batch-size", contrastive_batch), ("lr", positive_float), ("weight-decay", non_negative_float),
+                       ("captions-per-image", positive_int), ("seed", seed)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
@@ -107,9 +110,9 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="Recall@K both ways and top-k accuracy")
     p.add_argument("--model", required=True)
     add_data_source_args(p)
-    p.add_argument("--k", type=int, default=100, help="k of the top-k accuracy (default 100)")
-    p.add_argument("--captions-per-image", type=int, help="use only the first N captions of each image")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--k", type=positive_int, default=100, help="k of the top-k accuracy (default 100)")
+    p.add_argument("--captions-per-image", type=positive_int, help="use only the first N captions of each image")
+    p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
     p.add_argument("--json", action="store_true")
     add_runtime_args(p)
     p.set_defaults(func=cmd_eval)

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from ..errors import UsageError
+from ..storage import write_text
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,6 @@ def generate_shapes(out: str | os.PathLike, images: int, seed: int = 0, size: st
             doc["annotations"].append({"id": ann_id, "image_id": i, "caption": cap})
             ann_id += 1
     captions = out / "captions.json"
-    tmp = captions.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc), encoding="utf-8")
-    os.replace(tmp, captions)
+    write_text(captions, json.dumps(doc))
     log.info("wrote %d images and %d captions to %s", images, ann_id, out)
     return captions

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..storage import atomic_path
 from .modules import NormalizedImageEncoder, NormalizedTextEncoder, TokenInputs
 
 EXPORT_FORMAT = 1
@@ -27,16 +27,13 @@ OPSET = 17
 
 def export_image_onnx(module: nn.Module, path: Path, image_size: int) -> None:
     """Export ``module`` (pixels ``[B,3,S,S]`` -> ``[B,D]``) with a dynamic batch axis, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
     dummy = torch.zeros(2, 3, image_size, image_size)
     module = module.eval().cpu()
-    with warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (dummy,), str(tmp), input_names=["pixels"], output_names=["embedding"],
                           dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)
-    os.replace(tmp, path)
 
 
 def export_text_onnx(module: nn.Module, tokenize: Callable, path: Path) -> list[str]:
@@ -46,15 +43,12 @@ def export_text_onnx(module: nn.Module, tokenize: Callable, path: Path) -> list[
     names = list(sample)
     axes = {n: {0: "batch", 1: "sequence"} for n in names}
     axes["embedding"] = {0: "batch"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # the wrapper is put in eval mode too: export restores its mode onto the module afterwards
         torch.onnx.export(TokenInputs(module, names).eval(), tuple(sample[n] for n in names), str(tmp),
                           input_names=names, output_names=["embedding"], dynamic_axes=axes, opset_version=OPSET,
                           dynamo=False)
-    os.replace(tmp, path)
     return names
 
 
@@ -69,15 +63,12 @@ def export_text_encoder(model, out: str | os.PathLike, extra: dict | None = None
     :class:`~dualsearch.model.dual_encoder.DualEncoder` in ``out``, written to a temporary folder
     and renamed into place (an existing ``out`` is replaced). ``extra`` goes into export.json."""
     out = Path(out)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    names = export_text_onnx(NormalizedTextEncoder(model), model.text_tower.tokenize, tmp / "text_encoder.onnx")
-    model.text_tower.tokenizer.save_pretrained(tmp)
-    (tmp / "export.json").write_text(json.dumps({"format_version": EXPORT_FORMAT, "embed_dim": model.config.embed_dim,
-                                                 "text": _text_meta(model, names), **(extra or {})}, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out, is_dir=True) as tmp:
+        names = export_text_onnx(NormalizedTextEncoder(model), model.text_tower.tokenize, tmp / "text_encoder.onnx")
+        model.text_tower.tokenizer.save_pretrained(tmp)
+        meta = {"format_version": EXPORT_FORMAT, "embed_dim": model.config.embed_dim,
+                "text": _text_meta(model, names), **(extra or {})}
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2))
     return out
 
 

@@ -16,13 +16,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable
 
 import faiss
 import numpy as np
 
 from ..errors import DualsearchError
+from ..storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -287,11 +287,14 @@ def build(vectors: np.ndarray, ids: np.ndarray, kind: str = "auto", memory_budge
 
 
 def write(index: faiss.Index, path: str | os.PathLike) -> None:
-    """Write to a temp name and rename into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    """Write atomically (:func:`dualsearch.storage.atomic_path`); raises ``StorageError``.
+
+    FAISS's own file writer only prints a failed ``fclose`` (a full disk) and returns; writing
+    through a Python callback makes every failed write raise."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = faiss.PyCallbackIOWriter(f.write)
+        faiss.write_index(index, writer)
+        del writer
 
 
 def read(path: str | os.PathLike, params: dict | None = None) -> faiss.Index:

@@ -26,8 +26,10 @@ import numpy as np
 from ..data.readers import DataError
 from ..model.dual_encoder import DualEncoder
 from ..model.folder import model_content_hash
+from ..storage import StorageError
 from . import ann
-from .catalog import Catalog, IndexedFile
+from .catalog import CATALOG_FILE, Catalog, IndexedFile
+from .interop import check_vectors
 from .manifest import (
     ANN_FILE,
     MANIFEST_FILE,
@@ -59,6 +61,7 @@ class IndexReport:
     embedded: int = 0  # images embedded by this run (the rest of ``added`` came from shards written before)
     tars: int = 0  # WebDataset shards among the inputs (``found`` counts the other files)
     worker_peak_mb: float = 0.0  # Spark: the largest Python worker's peak RSS
+    notes: list[str] = field(default_factory=list)  # ignored files by extension, unreadable folders, loops
 
     def summary(self) -> str:
         reasons = Counter(r.split(" (")[0] for _, r in self.skipped)
@@ -68,8 +71,9 @@ class IndexReport:
         engine = f", {self.engine}" if self.engine else ""
         found = " and ".join(([f"{self.found} images"] if self.found or not self.tars else [])
                              + ([f"{self.tars} WebDataset shards"] if self.tars else []))
+        notes = "".join(f"; {n}" for n in self.notes)
         return (f"{found} found: {self.added} embedded ({rate:.1f} img/s{engine}), {self.unchanged} unchanged, "
-                f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind})")
+                f"{self.removed} removed, {skipped}; index: {self.count} vectors ({self.kind}){notes}")
 
 
 @dataclass
@@ -110,10 +114,28 @@ def index_job(out: str | os.PathLike, model_path: str | os.PathLike, kind: str =
         catalog.close()
 
 
-def apply_removals(catalog: Catalog, plan: Plan, report: IndexReport) -> None:
-    """Drop the rows of files gone from the inputs, and the records of shards no longer listed."""
+MASS_DELETE_FRACTION = 0.5  # a run that would drop more of the catalog than this stops and asks
+
+
+def apply_removals(catalog: Catalog, plan: Plan, inputs: Inputs, src: str, report: IndexReport,
+                   allow_mass_delete: bool = False) -> None:
+    """Drop the rows of files gone from the inputs, and the records of shards no longer listed.
+
+    "Cannot see it" is not "deleted": a source with no images at all never drops rows, and a run
+    that would drop more than half of the catalog stops unless ``allow_mass_delete`` (a network
+    share that is not mounted looks like an empty folder). Raises :class:`DataError`."""
+    known = catalog.count() + catalog.count("skipped")
+    notes = "".join(f"; {n}" for n in inputs.listing.notes())
+    if not len(inputs):
+        kept = f"; the index keeps its {known} files (is the folder mounted?)" if known else ""
+        raise DataError(f"{src}: no images found{notes}{kept}")
+    if len(plan.gone) > 1 and len(plan.gone) > MASS_DELETE_FRACTION * known and not allow_mass_delete:
+        raise DataError(f"{src}: this run would remove {len(plan.gone)} of the index's {known} files (not found "
+                        f"any more, e.g. {plan.gone[0]}); if they are really gone, run again with "
+                        f"--allow-mass-delete")
     report.removed = catalog.remove(plan.gone)
     catalog.delete_meta(plan.stale_tar_keys)
+    report.notes = inputs.listing.notes()
 
 
 def _images_root(src: str, inputs: Inputs) -> str:
@@ -124,8 +146,15 @@ def _images_root(src: str, inputs: Inputs) -> str:
     return os.path.commonpath([os.path.dirname(p) for p in local]) if local else ""
 
 
+def _require_images(src: str, inputs: Inputs, out: str | os.PathLike) -> None:
+    """A source with no image at all is an error before anything is written (an existing index
+    gets the longer message of :func:`apply_removals`)."""
+    if not len(inputs) and not (Path(out) / CATALOG_FILE).is_file():
+        raise DataError(f"{src}: no images found" + "".join(f"; {n}" for n in inputs.listing.notes()))
+
+
 def _list_local(images_dir: str, exclude: Sequence[str]) -> Inputs:
-    if not os.path.isdir(images_dir):
+    if os.path.exists(images_dir) and not os.path.isdir(images_dir):
         raise DataError(f"{images_dir}: not a folder (lists of paths or URIs and WebDataset shards are "
                         f"indexed with --engine spark, which runs on this machine too)")
     inputs = list_folder(images_dir, exclude)
@@ -139,17 +168,19 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
                 kind: str = "auto", exclude: Sequence[str] = (), batch_size: int = 64,
                 num_workers: int | None = None, commit_every: int = 256, memory_budget: float = 8e9,
                 device: str = "cpu", progress: bool = True, max_pixels: int | None = None,
-                engine: str = "auto") -> IndexReport:
+                engine: str = "auto", allow_mass_delete: bool = False) -> IndexReport:
     """Index every image below ``images_dir`` into ``out``, embedding in this process (see the
-    module docstring). Raises :class:`~dualsearch.errors.DualsearchError` subclasses."""
+    module docstring and :func:`apply_removals`). Raises :class:`~dualsearch.errors.DualsearchError`
+    subclasses."""
     from .local import embed_files
 
     check_kind(kind)
     inputs = _list_local(str(images_dir), exclude)
+    _require_images(str(images_dir), inputs, out)
     with index_job(out, model_path, kind, memory_budget, device) as job:
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), unchanged=plan.unchanged)
-        apply_removals(job.catalog, plan, report)
+        apply_removals(job.catalog, plan, inputs, str(images_dir), report, allow_mass_delete)
         embed_files(job, plan.todo, report, batch_size, num_workers, commit_every, progress, max_pixels, engine)
         job.catalog.set_meta("images_root", os.path.abspath(images_dir))
         finish(job, report)
@@ -159,7 +190,7 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
 def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.PathLike, kind: str = "auto",
                       exclude: Sequence[str] = (), batch_size: int = 64, shard_size: int | None = None,
                       master: str | None = None, embeddings: str | None = None, memory_budget: float = 8e9,
-                      max_pixels: int | None = None, spark=None) -> IndexReport:
+                      max_pixels: int | None = None, spark=None, allow_mass_delete: bool = False) -> IndexReport:
     """Index ``src`` (a folder, a list of paths or URIs, or WebDataset shards) with the embedding
     spread over Spark executors (see :mod:`dualsearch.index.spark`)."""
     from ..errors import UsageError
@@ -170,10 +201,11 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
     if shard_size < 1:  # before anything is read or changed
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
     inputs = list_inputs(str(src), exclude)
+    _require_images(str(src), inputs, out)
     with index_job(out, model_path, kind, memory_budget) as job:
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), tars=len(inputs.tars), unchanged=plan.unchanged)
-        apply_removals(job.catalog, plan, report)
+        apply_removals(job.catalog, plan, inputs, str(src), report, allow_mass_delete)
         sp.run_plan(job, plan, report, embeddings or str(job.out / sp.EMBEDDINGS_DIR), shard_size, batch_size,
                     max_pixels, master, spark)
         job.catalog.set_meta("images_root", _images_root(str(src), inputs))
@@ -186,9 +218,11 @@ def index_vectors(out: str | os.PathLike, model_path: str | os.PathLike, paths: 
                   images_root: str | None = None, batch: int = 50_000) -> IndexReport:
     """Build an index from vectors computed elsewhere (``[N, D]``, one per path, normalised here),
     recorded with the model that will embed queries. Paths already in the index are replaced.
-    Raises :class:`IndexError_` when the shape does not fit the model."""
+    Raises :class:`IndexError_` when the shape does not fit the model, ``EmbeddingsError`` for
+    non-finite or zero vectors."""
     with index_job(out, model_path, kind, memory_budget) as job:
         dim = job.model.config.embed_dim
+        check_vectors(vectors)  # finite, no zero rows
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != dim or len(vectors) != len(paths):
             raise IndexError_(f"expected {len(paths)} vectors of dimension {dim}, got shape {vectors.shape}")
@@ -219,6 +253,8 @@ def ensure_text_encoder(out: Path, model: DualEncoder, model_hash: str) -> None:
     try:
         export_text_encoder(model, folder, extra={"model_hash": model_hash})
         diff_ = float(np.abs(OnnxTextEncoder(folder).embed(probe) - model.embed_texts(probe)).max())
+    except StorageError:
+        raise  # a full disk is the run's failure, not the exporter's
     except Exception as e:  # an exotic tower the exporter cannot trace: torch answers queries
         log.warning("could not export the text encoder to ONNX (%s); search will use torch", e)
         shutil.rmtree(folder, ignore_errors=True)
@@ -240,6 +276,8 @@ def finish(job: IndexJob, report: IndexReport) -> None:
              or not (out / ANN_FILE).is_file() or (job.kind != "auto" and manifest["ann"]["kind"] != job.kind))
     if not stale:
         report.kind, report.count = manifest["ann"]["kind"], manifest["count"]
+        if manifest["model"]["path"] != job.model_path:  # same content hash, moved or copied: follow it
+            write_manifest(out, {**manifest, "model": {"path": job.model_path, "hash": job.model_hash}})
         return
     n = catalog.count()
     built = ann.build_stream(lambda: catalog.iter_vectors(dim), n, dim, job.kind, job.memory_budget)

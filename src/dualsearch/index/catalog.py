@@ -52,6 +52,41 @@ class Skip(NamedTuple):
     reason: str
 
 
+def to_db(text: str) -> str | bytes:
+    """A path (or meta value) as stored: text when it is valid UTF-8, else its file-system bytes.
+    A Linux name such as ``b"caf\\xe9.jpg"`` arrives from ``os`` as ``"caf\\udce9.jpg"``
+    (surrogateescape), which SQLite cannot hold as text; as bytes it round-trips losslessly."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+
+
+def from_db(value: str | bytes | None) -> str | None:
+    """The inverse of :func:`to_db`."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
+def _printable(reason: str) -> str:
+    return reason.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _explain(e: sqlite3.DatabaseError, path: Path) -> str:
+    """What an SQLite error on opening means for the user: a full or read-only volume is not a
+    damaged catalog."""
+    try:
+        vfs = os.statvfs(path.parent)
+        full, readonly = vfs.f_bavail == 0, bool(vfs.f_flag & os.ST_RDONLY)
+    except OSError:
+        full = readonly = False
+    if full or "full" in str(e):
+        return f"no space left on the device while opening {path} for writing (the catalog is unchanged)"
+    if readonly or "readonly" in str(e).replace(" ", ""):
+        return f"{path}: the index is on a read-only volume (search it, or index into a writable folder)"
+    return f"{path}: damaged catalog ({e})"
+
+
 def _prefix_bounds(prefix: str) -> tuple[str, str]:
     """[low, high) of the strings that start with ``prefix`` (an index range scan, unlike LIKE)."""
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -69,8 +104,7 @@ class Catalog:
         self._depth = 0
         try:
             if readonly:
-                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=60,
-                                          check_same_thread=False)
+                self.db = self._connect_readonly()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 # one connection shared by a server's threads: callers serialise access (Searcher's lock)
@@ -79,7 +113,19 @@ class Catalog:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self._init_schema()
         except sqlite3.DatabaseError as e:
-            raise CatalogError(f"{self.path}: damaged catalog ({e})") from e
+            raise CatalogError(_explain(e, self.path)) from e
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """Read-only, so an index on a read-only volume searches; where SQLite cannot make the
+        WAL's shared-memory file there, the volume cannot change either: open it immutable."""
+        uri = self.path.resolve().as_uri()
+        db = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=60, check_same_thread=False)
+        try:
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+            return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=60, check_same_thread=False)
 
     def _init_schema(self) -> None:
         if not self.readonly:
@@ -111,26 +157,33 @@ class Catalog:
         try:
             with self.db:
                 yield self
+        except sqlite3.OperationalError as e:
+            if "full" in str(e):
+                raise CatalogError(f"no space left on the device while writing {self.path} (the catalog keeps "
+                                   f"everything committed before; free some space and run again)") from e
+            if "readonly" in str(e).replace("-", "").replace(" ", ""):
+                raise CatalogError(f"{self.path}: cannot write the catalog here (read-only)") from e
+            raise
         finally:
             self._depth = 0
 
     # ------------------------------------------------------------------ meta
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        return from_db(row[0]) if row else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self.transaction():
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (to_db(key), to_db(value)))
 
     def meta_with_prefix(self, prefix: str) -> dict[str, str]:
         """Every meta key starting with ``prefix`` -> its value."""
-        return dict(self.db.execute("SELECT key, value FROM meta WHERE key >= ? AND key < ?",
-                                    _prefix_bounds(prefix)))
+        return {from_db(k): from_db(v) for k, v in self.db.execute(
+            "SELECT key, value FROM meta WHERE key >= ? AND key < ?", _prefix_bounds(prefix))}
 
     def delete_meta(self, keys: Iterable[str]) -> None:
         with self.transaction():
-            self.db.executemany("DELETE FROM meta WHERE key = ?", [(k,) for k in keys])
+            self.db.executemany("DELETE FROM meta WHERE key = ?", [(to_db(k),) for k in keys])
 
     @property
     def generation(self) -> int:
@@ -147,7 +200,7 @@ class Catalog:
         if recorded and recorded != model_hash:
             raise CatalogError(f"{self.path.parent}: built with another model ({self.get_meta('model_path')}, "
                                f"hash {recorded}); index into a new folder, or pass that model")
-        if not recorded:
+        if not recorded or self.get_meta("model_path") != model_path:  # new, or the same model moved
             with self.transaction():
                 self.set_meta("model_hash", model_hash)
                 self.set_meta("model_path", model_path)
@@ -155,7 +208,7 @@ class Catalog:
     # ------------------------------------------------------------------ files
     def file_stats(self) -> dict[str, FileStat]:
         """path -> (size, mtime_ns) of every known file, indexed or skipped."""
-        return {p: FileStat(s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM files")}
+        return {from_db(p): FileStat(s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM files")}
 
     def _next_vector_id(self) -> int:
         row = self.db.execute("SELECT MAX(vector_id) FROM files").fetchone()
@@ -169,10 +222,10 @@ class Catalog:
             vid = self._next_vector_id()
             rows = []
             for f in map(IndexedFile._make, indexed):
-                rows.append((f.path, f.size, f.mtime_ns, "indexed", None, vid,
+                rows.append((to_db(f.path), f.size, f.mtime_ns, "indexed", None, vid,
                              np.asarray(f.vector, np.float32).tobytes()))
                 vid += 1
-            rows += [(f.path, f.size, f.mtime_ns, "skipped", f.reason, None, None)
+            rows += [(to_db(f.path), f.size, f.mtime_ns, "skipped", _printable(f.reason), None, None)
                      for f in map(SkippedFile._make, skipped)]
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.set_meta("next_vector_id", str(vid))
@@ -182,7 +235,7 @@ class Catalog:
         """Delete these rows. -> how many were asked for."""
         paths = list(paths)
         with self.transaction():
-            self.db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in paths])
+            self.db.executemany("DELETE FROM files WHERE path = ?", [(to_db(p),) for p in paths])
             if paths:
                 self._bump()
         return len(paths)
@@ -200,7 +253,7 @@ class Catalog:
 
     def skipped(self) -> list[Skip]:
         """Skipped files with their reasons, by path."""
-        return [Skip(*r) for r in self.db.execute(
+        return [Skip(from_db(p), r) for p, r in self.db.execute(
             "SELECT path, reason FROM files WHERE status = 'skipped' ORDER BY path")]
 
     # ------------------------------------------------------------------ vectors
@@ -228,20 +281,21 @@ class Catalog:
         if not ids:
             return {}
         q = f"SELECT vector_id, path FROM files WHERE vector_id IN ({','.join('?' * len(ids))})"
-        return dict(self.db.execute(q, ids))
+        return {vid: from_db(p) for vid, p in self.db.execute(q, ids)}
 
     def vector_for(self, vector_id: int, dim: int) -> np.ndarray | None:
         row = self.db.execute("SELECT vector FROM files WHERE vector_id = ?", (int(vector_id),)).fetchone()
         return np.frombuffer(row[0], dtype=np.float32).reshape(dim) if row else None
 
     def id_for_path(self, path: str) -> int | None:
-        row = self.db.execute("SELECT vector_id FROM files WHERE path = ? AND status = 'indexed'", (path,)).fetchone()
+        row = self.db.execute("SELECT vector_id FROM files WHERE path = ? AND status = 'indexed'",
+                              (to_db(path),)).fetchone()
         return row[0] if row else None
 
     def path_for(self, vector_id: int) -> str | None:
         row = self.db.execute("SELECT path FROM files WHERE vector_id = ? AND status = 'indexed'",
                               (int(vector_id),)).fetchone()
-        return row[0] if row else None
+        return from_db(row[0]) if row else None
 
     def close(self) -> None:
         self.db.close()

@@ -12,12 +12,37 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import write_text
 from .catalog import Catalog
 from .manifest import IndexError_, read_manifest
 
 
 class EmbeddingsError(IndexError_):
     """Embeddings files that cannot be read as vectors with paths."""
+
+
+def check_vectors(vectors: np.ndarray, source: str | os.PathLike | None = None) -> None:
+    """Refuse vectors an index cannot search: ``vectors`` must be ``[N, D]`` (D >= 1) with every
+    value finite and no all-zero row (a zero vector has no direction: cosine scores are undefined).
+
+    Raises :class:`EmbeddingsError` naming the first bad row (0-based) and how many rows are bad;
+    ``source`` (a path) prefixes the message."""
+    where = f"{source}: " if source is not None else ""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or (len(vectors) and vectors.shape[1] == 0):
+        raise EmbeddingsError(f"{where}expected vectors of shape [N, D], got shape {list(vectors.shape)}")
+    if not np.issubdtype(vectors.dtype, np.number):
+        raise EmbeddingsError(f"{where}expected numeric vectors, got dtype {vectors.dtype}")
+    finite = np.isfinite(vectors).all(axis=1)
+    zero = finite & ~np.any(vectors != 0, axis=1)
+    bad = ~finite | zero
+    n_bad = int(bad.sum())
+    if n_bad:
+        first = int(np.argmax(bad))
+        what = "non-finite values (NaN or inf)" if not finite[first] else "all zeros"
+        raise EmbeddingsError(f"{where}{n_bad} of {len(vectors)} vectors are unusable ({int((~finite).sum())} "
+                              f"with NaN/inf, {int(zero.sum())} all zeros); the first is row {first} "
+                              f"(0-based, {what})")
 
 
 def _read_parquet(source: Path, path_column: str, vector_column: str) -> tuple[list[str], np.ndarray]:
@@ -31,9 +56,11 @@ def _read_parquet(source: Path, path_column: str, vector_column: str) -> tuple[l
         if col not in table.column_names:
             raise EmbeddingsError(f"{source}: no column {col!r} (columns: {', '.join(table.column_names)})")
     paths = [str(p) for p in table.column(path_column).to_pylist()]
+    if not len(table):
+        raise EmbeddingsError(f"{source}: no rows")
     try:
         vectors = np.asarray(table.column(vector_column).to_pylist(), dtype=np.float32)
-    except ValueError as e:  # ragged lists
+    except (ValueError, TypeError) as e:  # ragged lists, missing (null) vectors, text
         raise EmbeddingsError(f"{source}: column {vector_column!r} does not hold vectors of one length") from e
     return paths, vectors
 
@@ -42,12 +69,18 @@ def read_embeddings(source: str | os.PathLike, path_column: str = "image_path",
                     vector_column: str = "embedding") -> tuple[list[str], np.ndarray]:
     """-> (paths, vectors ``[N, D]`` float32) from clip-retrieval's layout (a folder with
     ``img_emb/*.npy`` + ``metadata/*.parquet``, matched by sorted order) or one Parquet file.
-    Raises :class:`EmbeddingsError` for anything else."""
+    Raises :class:`EmbeddingsError` for anything else, and for vectors :func:`check_vectors` refuses
+    (NaN/inf values, all-zero rows: the message names the first bad row and how many are bad)."""
+    source = Path(source)
+    paths, vectors = _read_parquet(source, path_column, vector_column) if source.is_file() else _read_folder(
+        source, path_column)
+    check_vectors(vectors, source)
+    return paths, vectors
+
+
+def _read_folder(source: Path, path_column: str) -> tuple[list[str], np.ndarray]:
     import pyarrow.parquet as pq
 
-    source = Path(source)
-    if source.is_file():
-        return _read_parquet(source, path_column, vector_column)
     npys = sorted((source / "img_emb").glob("*.npy"))
     metas = sorted((source / "metadata").glob("*.parquet"))
     if not npys or len(npys) != len(metas):
@@ -61,11 +94,20 @@ def read_embeddings(source: str | os.PathLike, path_column: str = "image_path",
         except Exception as e:  # numpy's ValueError/OSError, pyarrow's errors
             raise EmbeddingsError(f"{npy.parent.parent}: cannot read {npy.name} / {meta.name} "
                                   f"({str(e).splitlines()[0]})") from e
+        if vec.ndim != 2 or not np.issubdtype(vec.dtype, np.number):
+            raise EmbeddingsError(f"{npy}: expected a numeric [N, D] array, got {vec.dtype} of shape "
+                                  f"{list(vec.shape)}")
+        if parts and vec.shape[1] != parts[0].shape[1]:
+            raise EmbeddingsError(f"{npy}: {vec.shape[1]}-d vectors, but {npys[0].name} holds "
+                                  f"{parts[0].shape[1]}-d ones")
         if len(table) != len(vec):
             raise EmbeddingsError(f"{meta}: {len(table)} rows for {len(vec)} vectors in {npy}")
         paths += [str(p) for p in table.column(path_column).to_pylist()]
         parts.append(vec.astype(np.float32))
-    return paths, np.concatenate(parts)
+    vectors = np.concatenate(parts)
+    if not len(vectors):
+        raise EmbeddingsError(f"{source}: no vectors")
+    return paths, vectors
 
 
 def write_embeddings(index_dir: str | os.PathLike, out: str | os.PathLike) -> int:
@@ -88,5 +130,5 @@ def write_embeddings(index_dir: str | os.PathLike, out: str | os.PathLike) -> in
     (out / "metadata").mkdir(parents=True, exist_ok=True)
     np.save(out / "img_emb" / "img_emb_0.npy", vecs.astype(np.float32))
     pq.write_table(pa.table({"image_path": [paths[int(i)] for i in ids]}), out / "metadata" / "metadata_0.parquet")
-    (out / "model.json").write_text(json.dumps(manifest["model"], indent=2))
+    write_text(out / "model.json", json.dumps(manifest["model"], indent=2))
     return len(ids)

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from ..errors import DualsearchError
+from ..storage import write_text
 
 MANIFEST_FILE = "manifest.json"
 ANN_FILE = "vectors.faiss"
@@ -38,7 +39,5 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
 
 
 def write_manifest(folder: Path, doc: dict) -> None:
-    """Write the manifest atomically (temp file renamed into place)."""
-    tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST_FILE)
+    """Write the manifest atomically (:mod:`dualsearch.storage`)."""
+    write_text(folder / MANIFEST_FILE, json.dumps(doc, indent=2, sort_keys=True))

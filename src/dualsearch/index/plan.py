@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from ..data.images import is_uri
 from ..data.readers import DataError
-from ..data.readers.folder import list_images
+from ..data.readers.folder import Listing, os_reason, walk_images
 from ..data.readers.webdataset import expand_shards
 from ..errors import UsageError
 from .catalog import Catalog
@@ -47,6 +47,7 @@ class Entry(NamedTuple):
 class Inputs:
     files: list[Entry]
     tars: list[Entry] = field(default_factory=list)  # WebDataset shards
+    listing: Listing = field(default_factory=Listing)  # a folder's walk: ignored files, unreadable folders
 
     def __len__(self) -> int:
         return len(self.files) + len(self.tars)
@@ -65,8 +66,9 @@ def _excluded(path: str, exclude: Sequence[str]) -> bool:
 
 
 def list_folder(src: str, exclude: Sequence[str] = ()) -> Inputs:
-    """The images below a folder (recursively; hidden files and folders left out)."""
-    return Inputs([stat_entry(os.path.abspath(p)) for p in list_images(src, exclude)])
+    """The images below a folder (:func:`~dualsearch.data.readers.folder.walk_images`)."""
+    listing = walk_images(src, exclude)
+    return Inputs([stat_entry(p) for p in listing.files], listing=listing)
 
 
 def _list_shards(src: str, exclude: Sequence[str]) -> Inputs:
@@ -80,9 +82,11 @@ def _list_shards(src: str, exclude: Sequence[str]) -> Inputs:
 def _list_file(src: str, exclude: Sequence[str]) -> Inputs:
     base = os.path.dirname(os.path.abspath(src))
     try:
-        lines = Path(src).read_text(encoding="utf-8").splitlines()
+        lines = Path(src).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{src}: not a text file listing paths or URIs ({e.reason})") from e
+    except OSError as e:
+        raise DataError(f"{src}: {os_reason(e)}") from e
     files, seen = [], set()
     for line in lines:
         item = line.strip()
@@ -115,8 +119,12 @@ def list_inputs(src: str, exclude: Sequence[str] = ()) -> Inputs:
         return Inputs([], [stat_entry(t) for t in tars])
     if src.endswith(".tar") or any(ch in src for ch in "*?[{"):
         return _list_shards(src, exclude)
+    try:
+        os.stat(src)
+    except OSError as e:
+        raise DataError(f"{src}: {os_reason(e)} (give a folder, WebDataset shards or a list file)") from e
     if not os.path.isfile(src):
-        raise DataError(f"{src}: no such folder, shard or list file")
+        raise DataError(f"{src}: not a folder, a WebDataset shard or a list file")
     return _list_file(src, exclude)
 
 
@@ -138,7 +146,9 @@ def diff(catalog: Catalog, inputs: Inputs) -> Plan:
     ingested = catalog.meta_with_prefix(TAR_META)
     tars = [t for t in inputs.tars if ingested.get(TAR_META + t.path) != f"{t.size}:{t.mtime_ns}"]
     file_set, tar_set = {f.path for f in inputs.files}, {t.path for t in inputs.tars}
-    gone = [p for p in known if p not in file_set and p.split("::", 1)[0] not in tar_set]
+    unseen = tuple(folder.rstrip(os.sep) + os.sep for folder, _ in inputs.listing.unreadable)
+    gone = [p for p in known if p not in file_set and p.split("::", 1)[0] not in tar_set
+            and not p.startswith(unseen)]  # a folder that cannot be read is not a folder emptied
     stale = [k for k in ingested if k[len(TAR_META):] not in tar_set]
     return Plan(todo, tars, len(inputs.files) - len(todo), gone, stale)
 

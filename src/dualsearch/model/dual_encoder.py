@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, from_dict, to_dict
+from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import ProjectionHead
 from .losses import clip_loss, seed_loss, siglip_loss
@@ -134,11 +134,9 @@ class DualEncoder(nn.Module):
         state = self._saved_state()
         # tied or shared tensors must be cloned for safetensors
         state = {k: v.clone() for k, v in state.items()}
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as f:
-            tmp_weights = f.name
-        save_file(state, tmp_weights)
-        os.replace(tmp_weights, folder / WEIGHTS_FILE)
-        _atomic_write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True))
+        with atomic_path(folder / WEIGHTS_FILE) as tmp_weights:
+            save_file(state, str(tmp_weights))
+        write_text(folder / CONFIG_FILE, json.dumps(doc, indent=2, sort_keys=True))
         return folder
 
     def _carry_local_towers(self, folder: Path) -> None:
@@ -186,8 +184,3 @@ def resolve_spec(spec: str, folder: str | os.PathLike | None) -> str:
         return "hf:" + str((Path(folder) / spec[5:]).resolve())
     return spec
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

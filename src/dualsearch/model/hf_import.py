@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..storage import atomic_path
 from .dual_encoder import DualEncoder
 from .folder import ModelError
 from .towers import TowerError, build_image_tower, build_text_tower
@@ -37,16 +37,14 @@ def _copy_hf(name: str, dest: Path) -> None:
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise ModelError(f"{name!r} ({type(model).__name__}) has no get_image_features/get_text_features: "
                          f"not a CLIP-like dual encoder")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(name).save_pretrained(tmp)
-    try:
-        AutoImageProcessor.from_pretrained(name).save_pretrained(tmp)
-    except (OSError, ValueError):
-        log.warning("%s: no image processor found; the image tower will use 224 px and ImageNet statistics", name)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    with atomic_path(dest, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(name).save_pretrained(tmp)
+        try:
+            AutoImageProcessor.from_pretrained(name).save_pretrained(tmp)
+        except (OSError, ValueError):
+            log.warning("%s: no image processor found; the image tower will use 224 px and ImageNet statistics",
+                        name)
 
 
 def import_hf(source: str, out: str | os.PathLike) -> DualEncoder:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -26,10 +27,10 @@ import torch
 from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..model.dual_encoder import DualEncoder
-from .module import DualEncoderModule, History
-from .pairs import build_loaders
+from .module import DualEncoderModule, History, TrainingError
+from .pairs import MIN_TRAIN_IMAGES, build_loaders
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,37 @@ def _first_captions(records: Sequence[ImageCaption], n: int | None) -> list[Imag
     return [ImageCaption(r.image, r.captions[:n]) for r in records] if n else list(records)
 
 
+def _check_inputs(tcfg: TrainConfig, train: Sequence[ImageCaption]) -> None:
+    """Refuse, before any feature is computed, what cannot train: too few images for a contrastive
+    batch, or settings out of range (Python callers bypass the command line's checks)."""
+    if len(train) < MIN_TRAIN_IMAGES:
+        raise DataError(f"{len(train)} usable training images; a contrastive batch needs at least "
+                        f"{MIN_TRAIN_IMAGES} (check the data source and --val-fraction)")
+    if tcfg.batch_size < MIN_TRAIN_IMAGES:
+        raise UsageError(f"batch size must be at least {MIN_TRAIN_IMAGES} for a contrastive loss, got "
+                         f"{tcfg.batch_size}")
+    if tcfg.epochs < 1:
+        raise UsageError(f"epochs must be at least 1, got {tcfg.epochs}")
+    if not (math.isfinite(tcfg.lr) and tcfg.lr > 0):
+        raise UsageError(f"the learning rate must be a finite number > 0, got {tcfg.lr}")
+
+
+def _run(trainer: pl.Trainer, module: DualEncoderModule, checkpoint, train_dl, val_dl) -> tuple:
+    """Train; restore the best checkpoint's weights. -> (best score or None, best epoch (1-based) or
+    None, the :class:`TrainingError` that stopped a diverging run or None)."""
+    failure = None
+    try:
+        trainer.fit(module, train_dl, val_dl)
+    except TrainingError as e:
+        failure = e
+    if not checkpoint.best_model_path:
+        return None, None, failure
+    ckpt = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"], strict=False)  # as EarlyStopping(restore_best_weights)
+    best = checkpoint.best_model_score
+    return (float(best) if best is not None else None), int(ckpt.get("epoch", 0)) + 1, failure
+
+
 def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val: Sequence[ImageCaption],
         out: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
         accelerator: str = "auto", devices: int | str = "auto", num_workers: int | None = None,
@@ -92,11 +124,15 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     """Train a dual encoder (``init_model``, or a new one from ``mcfg``) on ``train``, early-stopped
     on ``val`` (or on the training loss without it); restore the best epoch's weights and (if
     ``out``) write its model folder. Frozen towers' features are cached under ``cache_dir``.
-    Raises :class:`~dualsearch.data.readers.DataError` without training records."""
+
+    Raises :class:`~dualsearch.data.readers.DataError` with fewer than 2 usable training images,
+    :class:`UsageError` for settings out of range, and :class:`TrainingError` when the run diverges
+    (a NaN/inf loss, weight or temperature): the best earlier epoch, if one finished, is still
+    written to ``out`` (the message says so; ``error.result`` holds its :class:`FitResult`), else
+    nothing is written."""
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
-    if not train:
-        raise DataError("no training records")
+    _check_inputs(tcfg, train)
     model = init_model or DualEncoder(mcfg)
     cached = (use_cache and model.image_tower.is_frozen and not tcfg.augment,
               use_cache and model.text_tower.is_frozen)
@@ -113,15 +149,14 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
         trainer, checkpoint = _trainer(tcfg, module.monitor, ckpt_dir, history, accelerator, devices, on_gpu,
                                        progress)
         t0 = time.perf_counter()
-        trainer.fit(module, train_dl, val_dl)
+        best, best_epoch, failure = _run(trainer, module, checkpoint, train_dl, val_dl)
         log.info("trained %d epochs in %.1f s (image %s, text %s)", len(history), time.perf_counter() - t0,
                  *("cached features" if c else "tower every step" for c in cached))
-        best = checkpoint.best_model_score
-        if checkpoint.best_model_path:  # restore the best weights, as EarlyStopping(restore_best_weights)
-            state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-            module.load_state_dict(state, strict=False)
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if failure is not None and best_epoch is None:
+        raise TrainingError(f"{failure}; no epoch finished with finite weights, so no model was written") \
+            from failure
     model = module.model.cpu().eval()
     folder = None
     if out is not None:
@@ -129,7 +164,18 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
                                                                          "val_images": len(val), **(extra or {})}})
         model.folder = folder
         write_history(history, folder)
-    return FitResult(model, folder, history, float(best) if best is not None else None)
+    result = FitResult(model, folder, history, best)
+    if failure is not None:
+        _raise_with_best(failure, result, best_epoch, module.monitor)
+    return result
+
+
+def _raise_with_best(failure: TrainingError, result: FitResult, epoch: int, monitor: str) -> None:
+    where = f"written to {result.folder}" if result.folder is not None else "kept in error.result"
+    score = f", {monitor} {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    error = TrainingError(f"{failure}; the best earlier model (epoch {epoch}{score}) was {where}")
+    error.result = result
+    raise error from failure
 
 
 def write_history(history: list[dict], folder: Path) -> None:

@@ -8,12 +8,18 @@ import lightning.pytorch as pl
 import torch
 
 from ..config import TrainConfig
+from ..errors import DualsearchError
 from ..logs import quiet_libraries
 from ..model.dual_encoder import DualEncoder
 
 # Lightning sets its loggers to INFO on import; keep its tips and banners out of our output
 if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
     quiet_libraries()
+
+
+class TrainingError(DualsearchError):
+    """Training that cannot go on: the loss, a weight or the temperature stopped being finite
+    (the run diverged)."""
 
 
 class DualEncoderModule(pl.LightningModule):
@@ -45,14 +51,47 @@ class DualEncoderModule(pl.LightningModule):
         txt = self.model.text_head(b) if text_cached else self.model.encode_text(b)
         return img, txt
 
+    def diverged(self, what: str) -> TrainingError:
+        """The error that stops a diverging run: names the (1-based) epoch and suggests a lower lr."""
+        return TrainingError(f"training diverged in epoch {self.current_epoch + 1}: {what}; try a lower "
+                             f"learning rate (--lr, now {self.tcfg.lr:g})")
+
+    def check_finite(self) -> None:
+        """Raise :class:`TrainingError` if a trainable weight holds NaN/inf, or if the temperature
+        ``1 / exp(logit_scale)`` is not a finite positive number (the logit scale itself included)."""
+        scale = self.model.logit_scale.detach().float()
+        temperature = torch.exp(-scale)
+        params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        flags = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]
+                            + [torch.isfinite(temperature) & (temperature > 0)])
+        if bool(flags.all()):
+            return
+        bad = [n for (n, _), ok in zip(params, flags[:-1].tolist()) if not ok]
+        if bad:
+            raise self.diverged(f"{len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+        raise self.diverged(f"the temperature is {temperature.item():g} (logit scale {scale.item():g})")
+
     def training_step(self, batch, _):
+        if batch is None:  # every image of the batch failed to decode
+            return None
         img, txt = self._embed(batch)
         loss = self.model.loss(img, txt)
+        if not bool(torch.isfinite(loss.detach())):
+            raise self.diverged(f"the loss is {loss.item()}")
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(img))
         self.log("temperature", 1.0 / self.model.logit_scale.exp(), on_step=False, on_epoch=True)
         return loss
 
+    def on_train_start(self):
+        self.check_finite()  # a starting model (--init) with broken weights
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # after the optimizer step: an epoch whose weights end non-finite never reaches a checkpoint
+        self.check_finite()
+
     def validation_step(self, batch, _):
+        if batch is None:
+            return
         img, txt = self._embed(batch)
         self.log("val_loss", self.model.loss(img, txt), on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(img))

@@ -10,9 +10,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import TrainConfig
 from ..data.images import ImageLoadError, load_image
+from ..data.readers import DataError
 from ..data.records import ImageCaption
 from ..encode.features import tower_features
 from ..encode.loader import default_workers
+
+MIN_TRAIN_IMAGES = 2  # a contrastive batch needs a negative
 
 
 class Pairs(Dataset):
@@ -82,10 +85,11 @@ class PairCollate:
 
     def __call__(self, batch):
         batch = [b for b in batch if b is not None]
+        if not batch:  # every image failed to decode: the step is skipped
+            return None
         images = torch.stack([b[0] for b in batch])
         texts = [b[1] for b in batch]
         return images, (torch.stack(texts) if isinstance(texts[0], torch.Tensor) else self.tokenize(texts))
-
 
 
 def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
@@ -93,7 +97,8 @@ def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
                   num_workers: int | None):
     """(train, val or None) DataLoaders; a side whose tower is frozen (and, for images, not
     augmented) reads features computed once through the cache under ``cache_root`` (None: no
-    cache), the other side reads raw inputs."""
+    cache), the other side reads raw inputs. Raises :class:`DataError` when fewer than
+    ``MIN_TRAIN_IMAGES`` training images are left once unreadable ones are dropped."""
     image_cached, text_cached = cached
 
     def dataset(records, fixed):
@@ -106,6 +111,9 @@ def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
                      model.image_tower.image_size, fixed=fixed, augment=tcfg.augment and not fixed)
 
     train_ds = dataset(train, False)
+    if len(train_ds.records) < MIN_TRAIN_IMAGES:
+        raise DataError(f"{len(train_ds.records)} training images left after decoding; a contrastive batch "
+                        f"needs at least {MIN_TRAIN_IMAGES}")
     val_ds = dataset(val, True) if val else None
     workers = 0 if image_cached else (default_workers() if num_workers is None else num_workers)
     # no persistent workers: a fresh iterator each epoch draws its seeds as the cached path's

@@ -13,25 +13,35 @@ from ..records import SkipLog
 from .base import CAPTION_COLUMNS, PATH_COLUMNS, CaptionDataset, DataError, Format, file_ref, finish, pick_column
 
 
+def _jsonl_rows(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a byte-order mark (spreadsheets, Notepad) is not data
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with path and caption fields, "
+                                f"got {type(row).__name__}")
+            rows.append({str(k).strip(): v for k, v in row.items()})
+    return rows
+
+
 def _table_rows(path: Path, fmt: str) -> tuple[list[str], Iterable[dict]]:
+    """(column names, rows as dicts) of a CSV / TSV / JSONL file, read as UTF-8 with or without a
+    byte-order mark; names are stripped of surrounding whitespace."""
     if fmt == "jsonl":
-        rows = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        columns = list(OrderedDict.fromkeys(k for r in rows for k in r))
-        return columns, rows
+        rows = _jsonl_rows(path)
+        return list(OrderedDict.fromkeys(k for r in rows for k in r)), rows
     delimiter = "\t" if fmt == "tsv" else ","
-    f = path.open(encoding="utf-8", newline="")
-    reader = csv.DictReader(f, delimiter=delimiter)
-    columns = list(reader.fieldnames or [])
-    rows = list(reader)
-    f.close()
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        columns = [str(c).strip() for c in (reader.fieldnames or [])]
+        reader.fieldnames = columns
+        rows = list(reader)
     return columns, rows
 
 

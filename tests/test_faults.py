@@ -157,6 +157,16 @@ def test_names_that_are_not_utf8_are_indexed_losslessly(tmp_path, tiny_model, ca
     assert main(["-q", "search", str(out), "a green square", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert name in {h["path"] for h in hits}
+    from fastapi.testclient import TestClient
+
+    from dualsearch.server.app import create_app
+
+    searcher = Searcher.open(out)
+    with TestClient(create_app(searcher)) as client:  # the page's API shows the name escaped, and serves it
+        res = client.get("/api/search", params={"q": "a green square", "k": 2}).json()["results"]
+        assert {"plain.jpg", "caf\\udce9.jpg"} == {r["name"] for r in res}
+        assert all(client.get(r["thumb"]).status_code == 200 for r in res)
+    searcher.close()
 
 
 @pytest.fixture()
@@ -252,3 +262,32 @@ def test_the_index_follows_its_model_to_a_new_path(tmp_path, collection, tiny_mo
     assert json.loads((out / "manifest.json").read_text())["model"]["path"] == str(tmp_path / "model_new")
     assert main(["-q", "search", str(out), "a red circle", "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
+
+
+def test_spark_shards_keep_names_that_are_not_utf8(tmp_path, tiny_model):
+    """What a Spark task writes and the driver ingests (no JVM needed for this part)."""
+    from dualsearch.encode.backends import verified_onnx
+    from dualsearch.encode.cache import default_cache_dir
+    from dualsearch.encode.modules import NormalizedImageEncoder
+    from dualsearch.index import spark as sp
+    from dualsearch.index.plan import Part
+    from dualsearch.model.dual_encoder import DualEncoder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "plain.jpg")
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write((folder / "plain.jpg").read_bytes())
+    names = [str(folder / "plain.jpg"), os.fsdecode(raw)]
+    model = DualEncoder.load(tiny_model)
+    onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), "fsname-test", model.image_tower.image_size,
+                                 default_cache_dir())
+    items = [[n, os.stat(n).st_size, os.stat(n).st_mtime_ns] for n in names]
+    table = sp.embed_part("files", items, sp._encoder(str(onnx_file), 1), model.image_tower.preprocessor())
+    (tmp_path / "emb").mkdir()
+    sp.write_shard(table, str(tmp_path / "emb"), "part-x.parquet")
+    cat = Catalog(tmp_path / "idx", create=True)
+    assert sp.ingest(cat, Part("x", "files", ()), str(tmp_path / "emb"), model.config.embed_dim) == (2, 0)
+    assert set(cat.file_stats()) == set(names)
+    cat.close()

@@ -1,10 +1,15 @@
+import asyncio
 import io
+import logging
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,6 +122,204 @@ def test_no_cors_unless_configured(client, served_index):
         assert r.headers["access-control-allow-origin"] == "http://ok.example"
 
 
+# ----------------------------------------------------------------------------- upload size limit
+BOUNDARY = "dualsearchtestboundary"
+PART_HEAD = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jpg\"\r\n"
+             "Content-Type: image/jpeg\r\n\r\n").encode()
+
+
+def _asgi_post(app, content, headers: dict) -> "httpx.Response":  # noqa: F821
+    """POST through httpx's ASGI transport, which hands the app the body chunk by chunk as it asks."""
+    import httpx
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.post("/api/search/image", content=content,
+                                headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}", **headers})
+
+    return asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def small_app(served_index):
+    return create_app(Searcher.open(served_index[0]), max_k=20, max_upload_bytes=200_000)
+
+
+def test_upload_over_content_length_is_refused_before_reading(small_app, client):
+    consumed = []
+
+    async def body():  # declares 200 MB; the app must answer without asking for any of it
+        for _ in range(3200):
+            consumed.append(1)
+            yield b"\0" * 65536
+
+    r = _asgi_post(small_app, body(), {"content-length": str(200 * 2**20)})
+    assert r.status_code == 413 and r.json() == {"detail": "upload larger than 200000 bytes"}
+    assert consumed == []
+    r = client.post("/api/search/image", content=PART_HEAD + b"\0" * 300_000,
+                    headers={"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+    assert r.status_code == 413 and r.json()["detail"] == "upload larger than 200000 bytes"
+
+
+def test_chunked_upload_is_cut_off_once_past_the_limit(small_app, monkeypatch):
+    import starlette.formparsers as formparsers
+
+    spooled = []
+    real_write = formparsers.UploadFile.write
+
+    async def counting_write(self, data):
+        spooled.append(len(data))
+        await real_write(self, data)
+
+    monkeypatch.setattr(formparsers.UploadFile, "write", counting_write)
+    consumed = []
+
+    async def body():  # 200 MB, chunked (no Content-Length)
+        yield PART_HEAD
+        for _ in range(3200):
+            consumed.append(1)
+            yield b"\0" * 65536
+
+    r = _asgi_post(small_app, body(), {})
+    assert r.status_code == 413 and r.json() == {"detail": "upload larger than 200000 bytes"}
+    assert len(consumed) <= 5  # 200 000 bytes + framing slack: a few 64 KiB chunks, not 3200
+    assert sum(spooled) <= 200_000 + 16 * 1024
+
+
+def test_upload_just_over_the_limit_still_413(client):
+    r = client.post("/api/search/image", files={"file": ("x.jpg", b"\xff" * 200_001, "image/jpeg")})
+    assert r.status_code == 413 and r.json()["detail"] == "upload larger than 200000 bytes"
+    r = client.post("/api/search", content=b"[" * 300_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+# ----------------------------------------------------------------------------- HEAD
+@pytest.fixture(scope="module")
+def some_id(client) -> int:
+    return client.get("/api/search", params={"q": "a green square", "k": 1}).json()["results"][0]["id"]
+
+
+@pytest.mark.parametrize("url", ["/health", "/", "/image/{id}", "/thumb/{id}", "/api/search?q=a+red+circle&k=3",
+                                 "/api/similar/{id}?k=2", "/static/app.js", "/static/style.css", "/image/99999",
+                                 "/api/search", "/nowhere"])
+def test_head_answers_like_get_without_body(client, some_id, url):
+    url = url.format(id=some_id)
+    got = client.get(url)
+    head = client.head(url)
+    assert head.status_code == got.status_code
+    assert head.content == b""
+    assert head.headers.get("content-type") == got.headers.get("content-type")
+    assert head.headers.get("content-length") == got.headers.get("content-length")
+    if url in ("/health", "/", "/static/app.js"):
+        assert head.status_code == 200
+
+
+# ----------------------------------------------------------------------------- bad ids
+BAD_IDS = ["\u00b2", "\u2460", "\u0663", "99999999999999999999", "9223372036854775808", "-1", "1e3", "%00",
+           "+1", "0x1", "1.0", " 1", "\u00b9\u00b2"]
+
+
+@pytest.mark.parametrize("route", ["/thumb/{}", "/image/{}", "/api/similar/{}"])
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_bad_ids_are_json_404(client, route, bad):
+    r = client.get(route.format(bad))
+    assert r.status_code in (404, 422) and "detail" in r.json()
+
+
+@pytest.mark.parametrize("bad", ["\u00b2", "\u2460", "\u0663", 99999999999999999999, 2**63, -1, 1e3, "1e3", "\x00",
+                                 "-1", True, 1.5, [], {}])
+def test_bad_like_ids_are_json_404_or_422(client, bad):
+    r = client.post("/api/search", json={"like_id": bad, "k": 3})
+    assert r.status_code in (404, 422) and "detail" in r.json()
+
+
+@pytest.mark.parametrize("body", [b'{"q": "x", "k": 1e309}', b'{"q": "\\ud800"}', b'{"add": ["a", "\\udfff"]}',
+                                  b'{"q": "x", "k": NaN}', b'{"q": "x", "k": 99999999999999999999999}', b"{"])
+def test_input_that_breaks_rendering_or_tokenizing_is_422(client, body):
+    r = client.post("/api/search", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"]
+
+
+def test_unexpected_errors_are_json_500_and_logged(served_index, monkeypatch, caplog):
+    s = Searcher.open(served_index[0])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(s, "search", broken)
+    with TestClient(create_app(s)) as c, caplog.at_level(logging.ERROR):
+        r = c.get("/api/search", params={"q": "a red circle"})
+        assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+        assert c.head("/api/search", params={"q": "x"}).status_code == 500
+    assert any(rec.exc_info and "a bug" in str(rec.exc_info[1]) for rec in caplog.records)
+
+
+# ----------------------------------------------------------------------------- thumbnails
+def test_unwritable_thumbnail_folder_serves_from_memory(served_index, tmp_path, caplog, monkeypatch):
+    s = Searcher.open(served_index[0])
+    blocker = tmp_path / "read-only-volume"
+    blocker.write_text("a regular file: nothing can be made under it")
+    monkeypatch.setattr(s, "folder", blocker)  # thumbs folder = <file>/thumbs: mkdir raises
+    with TestClient(create_app(s)) as c, caplog.at_level(logging.WARNING):
+        ids = [h["id"] for h in c.get("/api/search", params={"q": "a star", "k": 3}).json()["results"]]
+        for vid in ids + ids:
+            r = c.get(f"/thumb/{vid}")
+            assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+            img = Image.open(io.BytesIO(r.content))
+            assert img.format == "JPEG" and max(img.size) <= 256
+    assert len([r for r in caplog.records if "thumbnail cache" in r.getMessage()]) == 1
+
+
+def test_concurrent_requests_for_one_new_thumbnail(client, served_index, some_id, monkeypatch):
+    thumbs = served_index[0] / "thumbs"
+    real_replace = os.replace
+
+    def slow_replace(src, dst, **kwargs):  # widen the window between writing a temp file and renaming it
+        time.sleep(0.05)
+        return real_replace(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    ids = [h["id"] for h in client.get("/api/search", params={"q": "a blue circle", "k": 5}).json()["results"]]
+    vid = next(i for i in ids if i != some_id)
+    (thumbs / f"{vid}.jpg").unlink(missing_ok=True)
+    barrier = threading.Barrier(16)
+
+    def fetch(_):
+        barrier.wait()
+        return client.get(f"/thumb/{vid}")
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(fetch, range(16)))
+    assert [r.status_code for r in responses] == [200] * 16
+    assert len({r.content for r in responses}) == 1
+    assert (thumbs / f"{vid}.jpg").read_bytes() == responses[0].content
+    assert not list(thumbs.glob("*.tmp")) and not list(thumbs.glob(".*"))
+
+
+def test_health_answers_while_an_upload_is_decoded(client, served_index, monkeypatch):
+    import dualsearch.server.app as app_module
+
+    decoding = threading.Event()
+    real = app_module.load_image
+
+    def slow_load(*args, **kwargs):
+        decoding.set()
+        time.sleep(2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_image", slow_load)
+    img = sorted(served_index[1].glob("shapes*.jpg"))[0].read_bytes()
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(client.post, "/api/search/image", files={"file": ("x.jpg", img, "image/jpeg")})
+        assert decoding.wait(10)
+        t0 = time.monotonic()
+        r = client.get("/health")
+        took = time.monotonic() - t0
+        assert r.status_code == 200 and took < 1.0
+        assert not upload.done()
+        assert upload.result(30).status_code == 200
+
+
 # ----------------------------------------------------------------------------- browser
 def _free_port() -> int:
     with socket.socket() as s:
@@ -147,6 +350,50 @@ def live_server(served_index):
     yield url
     proc.terminate()
     proc.wait(10)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """The whole response (the server closes the connection after a 413)."""
+    data = b""
+    sock.settimeout(10)
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_live_server_limits_uploads_as_they_stream(live_server):
+    host, port = live_server.rsplit("//", 1)[1].split(":")
+    limit = 10 * 2**20  # the server's default
+    head = (f"POST /api/search/image HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n").encode()
+    with socket.create_connection((host, int(port))) as sock:  # declared too large: answered at once
+        sock.sendall(head + b"Content-Length: 209715200\r\n\r\n" + PART_HEAD)
+        assert _read_response(sock).startswith(b"HTTP/1.1 413")
+    sent = 0
+    with socket.create_connection((host, int(port))) as sock:  # chunked: cut off past the limit
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"\0" * 65536
+        sock.sendall(b"%x\r\n%s\r\n" % (len(PART_HEAD), PART_HEAD))
+        try:
+            while sent < 200 * 2**20 and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except OSError:  # the server closed the connection after answering
+            pass
+        response = _read_response(sock)
+    assert response.startswith(b"HTTP/1.1 413") and b"upload larger than" in response
+    assert sent < limit + 8 * 2**20, sent  # stopped near the limit, not after 200 MB
+    import urllib.request
+
+    req = urllib.request.Request(live_server + "/health", method="HEAD")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200 and r.read() == b""
 
 
 def _chrome():

@@ -140,11 +140,13 @@ def embed_part(part_kind: str, items: list, encoder, preprocess, batch_size: int
     dim = dim or int(encoder.get_outputs()[0].shape[1] or 0)
     emb = pa.array([r[5] for r in rows], type=pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32()))
     return pa.table({
-        "path": pa.array([r[0] for r in rows], pa.string()),
+        # file-system bytes: a name that is not UTF-8 (b"caf\\xe9.jpg") survives Parquet losslessly
+        "path": pa.array([os.fsencode(r[0]) for r in rows], pa.binary()),
         "size": pa.array([r[1] for r in rows], pa.int64()),
         "mtime_ns": pa.array([r[2] for r in rows], pa.int64()),
         "status": pa.array([r[3] for r in rows], pa.string()),
-        "reason": pa.array([r[4] for r in rows], pa.string()),
+        "reason": pa.array([None if r[4] is None else r[4].encode("utf-8", "backslashreplace").decode()
+                            for r in rows], pa.string()),
         "embedding": emb,
     })
 
@@ -278,6 +280,11 @@ def read_shard(out_uri: str, file_name: str, batch_rows: int = 50_000) -> Iterat
         yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
 
 
+def _paths(table) -> list[str]:
+    """The path column: file-system bytes (or text, in shards written before 0.2)."""
+    return [os.fsdecode(p) if isinstance(p, bytes) else p for p in table["path"].to_pylist()]
+
+
 def _shard_rows(batch, dim: int, file_name: str) -> tuple[list[IndexedFile], list[SkippedFile]]:
     """One record batch of a shard as catalog rows."""
     import pyarrow as pa
@@ -291,9 +298,9 @@ def _shard_rows(batch, dim: int, file_name: str) -> tuple[list[IndexedFile], lis
     if len(vecs) != good.num_rows:
         raise SparkIndexError(f"{file_name}: vectors of dimension {dim} expected")
     indexed = [IndexedFile(*row, v) for row, v in zip(
-        zip(good["path"].to_pylist(), good["size"].to_pylist(), good["mtime_ns"].to_pylist()), vecs)]
+        zip(_paths(good), good["size"].to_pylist(), good["mtime_ns"].to_pylist()), vecs)]
     skipped = [SkippedFile(p, s, m, r or "skipped") for p, s, m, r in zip(
-        bad["path"].to_pylist(), bad["size"].to_pylist(), bad["mtime_ns"].to_pylist(), bad["reason"].to_pylist())]
+        _paths(bad), bad["size"].to_pylist(), bad["mtime_ns"].to_pylist(), bad["reason"].to_pylist())]
     return indexed, skipped
 
 

@@ -2,30 +2,42 @@
 
 Images are served only by their opaque id (the catalog's vector id); a request can never name a
 file path. A catalog path that resolves outside the indexed collection (a symlink out of it) is
-answered 404 too.
+answered 404 too. Every id in a request goes through :func:`~.ids.parse_id` (ASCII digits within
+int64, else 404).
+
+In front of the routes (``middleware``): request bodies are capped as they stream in (413), HEAD
+answers as GET without a body, and an unexpected exception is a JSON 500 with its traceback logged.
+Heavy work (decoding, searching, thumbnails, the lazy torch model) runs in worker threads (sync
+routes); only ``/health`` runs on the event loop, so it answers while they are busy.
 """
 from __future__ import annotations
 
-import io
 import logging
+import math
 import mimetypes
 import os
 from pathlib import Path
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image, stored_source
+from ..data.images import ImageLoadError, is_uri, load_image, stored_source
 from ..data.records import ImageRef
 from ..search import QueryError, Result, Searcher
+from .ids import parse_id
+from .middleware import BodyLimit, HeadAsGet, InternalErrors
+from .thumbs import THUMB_SIZE, Thumbnails, make_thumbnail
+
+__all__ = ["THUMB_SIZE", "create_app", "make_thumbnail", "serve"]
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-THUMB_SIZE = 256
 
 
 class Hit(BaseModel):
@@ -45,28 +57,43 @@ class CombinedQuery(BaseModel):
     q: str | None = Field(None, description="text query")
     add: list[str] = Field(default_factory=list, description="texts that pull results toward them")
     subtract: list[str] = Field(default_factory=list, description="texts that push results away")
-    like_id: int | None = Field(None, description="an indexed image's id (more like this)")
+    like_id: StrictInt | None = Field(None, description="an indexed image's id (more like this); a JSON integer")
     k: int = Field(9, ge=1)
+
+    @field_validator("q", "add", "subtract")
+    @classmethod
+    def encodable(cls, value):
+        """Texts must be valid Unicode (JSON can carry lone surrogates such as ``"\\ud800"``)."""
+        for text in [value] if isinstance(value, str) else value or []:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError("text is not valid Unicode (a lone surrogate)") from e
+        return value
 
 
 def hits(results: list[Result]) -> list[Hit]:
-    """API hits: a WebDataset member shows its own name, not its shard's."""
-    return [Hit(id=r.id, score=round(r.score, 6), name=Path(r.path.rsplit("::", 1)[-1]).name,
+    """API hits: a WebDataset member shows its own name, not its shard's; a name that is not
+    valid UTF-8 (bytes ``caf\\xe9.jpg`` on Linux) is shown escaped (``caf\\udce9.jpg``)."""
+    return [Hit(id=r.id, score=round(r.score, 6), name=display_name(Path(r.path.rsplit("::", 1)[-1]).name),
                 thumb=f"/thumb/{r.id}", image=f"/image/{r.id}") for r in results]
+
+
+def display_name(name: str) -> str:
+    """``name`` as UTF-8-safe text: lone surrogates (undecodable file-name bytes) backslash-escaped."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Sources:
     """What an id shows: a file, a WebDataset member or an http(s) URI; 404 for an unknown id,
-    not a number, a file gone, or one outside the collection (a symlink out of it)."""
+    not an id (:func:`parse_id`), a file gone, or one outside the collection (a symlink out of it)."""
 
     def __init__(self, searcher: Searcher):
         self.searcher = searcher
         self.root = os.path.realpath(searcher.manifest.get("images_root") or "/nonexistent")
 
-    def __call__(self, image_id: str) -> str | ImageRef:
-        if not image_id.isdigit():
-            raise HTTPException(404, "no such image")
-        path = self.searcher.path_for(int(image_id))
+    def __call__(self, image_id: int) -> str | ImageRef:
+        path = self.searcher.path_for(parse_id(image_id))
         if path is None:
             raise HTTPException(404, "no such image")
         if is_uri(path):
@@ -96,18 +123,20 @@ def _search_routes(app: FastAPI, searcher: Searcher, sources: Sources, max_k: in
     @app.post("/api/search", response_model=SearchResponse)
     def search_combined(body: CombinedQuery):
         check_k(body.k)
-        if body.like_id is not None and searcher.path_for(body.like_id) is None:
+        like_id = None if body.like_id is None else parse_id(body.like_id)
+        if like_id is not None and searcher.path_for(like_id) is None:
             raise HTTPException(404, "no such image")
         try:
-            res = searcher.search(body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=body.like_id)
+            res = searcher.search(body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=like_id)
         except QueryError as e:
             raise HTTPException(422, str(e)) from e
         return SearchResponse(query=body.q or "", results=hits(res))
 
     @app.post("/api/search/image", response_model=SearchResponse)
-    async def search_upload(file: UploadFile = File(...), k: int = Query(9, ge=1), q: str | None = None):
+    def search_upload(file: UploadFile = File(...), k: int = Query(9, ge=1), q: str | None = None):
+        # sync: decoding, the first image query's model load and the search run in a worker thread
         check_k(k)
-        data = await file.read(max_upload_bytes + 1)
+        data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
         try:
@@ -118,14 +147,19 @@ def _search_routes(app: FastAPI, searcher: Searcher, sources: Sources, max_k: in
 
     @app.get("/api/similar/{image_id}", response_model=SearchResponse)
     def similar(image_id: str, k: int = Query(9, ge=1)):
-        sources(image_id)
-        return SearchResponse(query="", results=hits(searcher.search(k=check_k(k), like_id=int(image_id))))
+        vector_id = parse_id(image_id)
+        sources(vector_id)
+        try:
+            res = searcher.search(k=check_k(k), like_id=vector_id)
+        except QueryError as e:
+            raise HTTPException(404, str(e)) from e
+        return SearchResponse(query="", results=hits(res))
 
 
-def _image_routes(app: FastAPI, sources: Sources, thumbs: Path) -> None:
+def _image_routes(app: FastAPI, sources: Sources, thumbs: Thumbnails) -> None:
     @app.get("/image/{image_id}")
     def image(image_id: str):
-        src = sources(image_id)
+        src = sources(parse_id(image_id))
         if isinstance(src, ImageRef):
             try:
                 data = src.read_bytes()
@@ -138,25 +172,49 @@ def _image_routes(app: FastAPI, sources: Sources, thumbs: Path) -> None:
 
     @app.get("/thumb/{image_id}")
     def thumb(image_id: str):
-        src = sources(image_id)
-        out = thumbs / f"{int(image_id)}.jpg"
-        if not out.is_file():
-            make_thumbnail(src, out)
-        return FileResponse(out, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+        vector_id = parse_id(image_id)
+        data = thumbs.get(vector_id, sources(vector_id))
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
 
     @app.exception_handler(ImageLoadError)
     def bad_image(_, exc: ImageLoadError):
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
 
+def json_safe(value):
+    """``value`` with every non-finite float (``1e309`` in a request parses to inf) as its text and
+    every lone surrogate (``"\\ud800"``) as ``?``, so a validation error that echoes the input can
+    always be rendered as JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def invalid_request(_, exc: RequestValidationError) -> JSONResponse:
+    """422 with FastAPI's usual error list, renderable whatever the input held."""
+    return JSONResponse({"detail": json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
 def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 * 2**20,
                cors_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app over one open :class:`Searcher`: search API, image/thumbnail serving by
     id, the search page. ``max_k`` caps results per request; uploads over ``max_upload_bytes``
-    get 413."""
+    get 413 (checked as the body streams in); the thumbnail cache is ``searcher.folder/thumbs``
+    (thumbnails are made in memory when it cannot be written)."""
     app = FastAPI(title="dualsearch", description="Natural-language image search over one index.", version="1")
+    # the last added is outermost: HEAD -> CORS -> JSON 500s -> body limit -> routes
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
+    app.add_middleware(InternalErrors)
     if cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "HEAD", "POST"])
+    app.add_middleware(HeadAsGet)
+    app.add_exception_handler(RequestValidationError, invalid_request)
     sources = Sources(searcher)
 
     @app.get("/health")
@@ -164,7 +222,7 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
         return {"status": "ok", "images": len(searcher)}
 
     _search_routes(app, searcher, sources, max_k, max_upload_bytes)
-    _image_routes(app, sources, searcher.folder / "thumbs")
+    _image_routes(app, sources, Thumbnails(lambda: searcher.folder / "thumbs"))
 
     @app.get("/")
     def page():
@@ -174,20 +232,9 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
     return app
 
 
-def make_thumbnail(src: str | ImageRef, out: Path, size: int = THUMB_SIZE) -> None:
-    """A JPEG thumbnail, made once (written to a temp name and renamed into place)."""
-    img = load_image(fetch_uri(src) if isinstance(src, str) and is_uri(src) else src, target_size=size)
-    img.thumbnail((size, size))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
-
-
 def serve(index: str, host: str = "127.0.0.1", port: int = 8765, cors_origins: list[str] | None = None,
           max_k: int = 100) -> None:
+    """Serve one index with uvicorn (127.0.0.1 unless ``host`` says otherwise)."""
     import uvicorn
 
     searcher = Searcher.open(index)

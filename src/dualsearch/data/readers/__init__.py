@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from .base import CaptionDataset, DataError, Format
 from .coco import COCO, read_coco
-from .folder import FOLDER, list_images, read_folder
+from .folder import FOLDER, list_images, os_reason, read_folder
 from .hf import HF, read_hf
 from .table import CSV, IMAGEFOLDER, JSONL, TSV, read_imagefolder, read_table
 from .tfrecord import TFRECORD, read_tfrecords
@@ -76,8 +76,11 @@ def read_dataset(source: str | os.PathLike, images: str | os.PathLike | None = N
     """
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if not any(ch in str(source) for ch in "*?{") and not os.path.exists(source):
-        raise DataError(f"{source}: no such file or folder")
+    if not any(ch in str(source) for ch in "*?{"):
+        try:
+            os.stat(source)
+        except OSError as e:  # "permission denied" is not "no such file"
+            raise DataError(f"{source}: {os_reason(e)}") from e
     if fmt == "auto":
         fmt = detect_format(source)
     return REGISTRY[fmt].read(source, images, path_column=path_column, caption_column=caption_column,

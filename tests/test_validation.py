@@ -47,7 +47,7 @@ BAD_OPTIONS = [
     (["train", "--captions", "c", "--out", "o"], "--val-fraction", ["1", "-0.1", "1.5", "nan"]),
     (["train", "--captions", "c", "--out", "o"], "--workers", ["-1"]),
     (["train", "--captions", "c", "--out", "o"], "--seed", ["-1", str(2**32)]),
-    (["eval", "--model", "m", "--captions", "c"], "--k", ["0"]),
+    (["eval", "--model", "m", "--captions", "c"], "-k", ["0"]),
     (["eval", "--model", "m", "--captions", "c"], "--limit", ["0"]),
     (["eval", "--model", "m", "--captions", "c"], "--captions-per-image", ["0"]),
     (["eval", "--model", "m", "--captions", "c"], "--workers", ["-1"]),
@@ -376,7 +376,7 @@ def test_check_vectors():
         check_vectors(np.ones(4))
 
 
-def test_read_embeddings_refuses_bad_vectors(tmp_path, capsys):
+def test_read_embeddings_refuses_bad_vectors(tiny_model, tmp_path, capsys):
     vecs = np.eye(4, dtype=np.float32)
     vecs[1] = 0
     vecs[3, 2] = np.nan
@@ -395,7 +395,8 @@ def test_read_embeddings_refuses_bad_vectors(tmp_path, capsys):
                        tmp_path / "cr" / "metadata" / f"metadata_{i}.parquet")
     with pytest.raises(EmbeddingsError, match=r"2 of 5 vectors.*row 3"):
         read_embeddings(tmp_path / "cr")
-    assert main(["-q", "index", "--from-embeddings", str(src), "--model", "m", "--out", str(tmp_path / "i")]) == 2
+    assert main(["-q", "index", "--from-embeddings", str(src), "--model", str(tiny_model), "--out",
+                 str(tmp_path / "i")]) == 2
     err = capsys.readouterr().err
     assert "row 1" in err and "\n" not in err.strip()
 

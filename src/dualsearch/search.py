@@ -26,6 +26,7 @@ from .index import ann
 from .index.catalog import Catalog
 from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, read_manifest
 from .model.folder import model_content_hash
+from .storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,9 @@ def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = ""
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:  # a one-line StorageError where it cannot be written
+            fig.savefig(tmp, format=(out.suffix.lstrip(".").lower() or "png").replace("jpeg", "jpg"))
+    finally:
+        plt.close(fig)
     return out

@@ -3,8 +3,64 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+from pathlib import Path
 
+from ..errors import UsageError
 from .options import non_negative_int
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written; every option with a real default shows it ("(default: 9)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default in (None, False, argparse.SUPPRESS)
+                or action.option_strings == [] or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: shows defaults in its help and remembers itself, so that an unknown
+    option is reported with this command's usage (see :func:`dualsearch.cli.parse`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.set_defaults(parser_=self)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail fast, before any model loads: ``path`` (a file or folder to write) must be creatable,
+    i.e. its nearest existing ancestor is a writable folder. Raises :class:`UsageError`."""
+    target = Path(path).absolute()
+    ancestor = target if target.exists() else next((p for p in target.parents if p.exists()), Path("/"))
+    if target.exists() and not target.is_dir() and target.suffix == "":
+        ancestor = target.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"{path}: cannot write there ({ancestor} is not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot write there ({ancestor} is read-only or not ours)")
+
+
+def check_readable(path: str | os.PathLike, what: str = "file") -> None:
+    """Fail fast: ``path`` exists (else "no such file or folder" / "permission denied")."""
+    from ..data.readers.folder import os_reason
+
+    try:
+        os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{path}: {os_reason(e)}") from e
+
+
+def check_model(path: str | os.PathLike) -> None:
+    """Fail fast: ``path`` is a model folder this version reads (its config only; nothing loads).
+    Raises ``ModelError``."""
+    from ..model.folder import read_model_config
+
+    read_model_config(path)
 
 
 def add_data_source_args(p: argparse.ArgumentParser, required: bool = True, prefix: str = "") -> None:

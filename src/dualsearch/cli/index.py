@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from .common import check_model, check_writable
 from .options import non_negative_int, positive_float, positive_int
 
 SPARK_ONLY = ("spark_master", "shard_size", "embeddings")
@@ -14,6 +15,8 @@ def cmd_index(args: argparse.Namespace) -> None:
         return cmd_index_from_embeddings(args)
     if not args.images_dir:
         raise UsageError("give IMAGES_DIR, or --from-embeddings")
+    check_model(args.model)
+    check_writable(args.out)
     spark_only = [f"--{k.replace('_', '-')}" for k in SPARK_ONLY if getattr(args, k) is not None]
     if spark_only and args.engine != "spark":
         raise UsageError(f"{spark_only[0]} goes with --engine spark")
@@ -42,6 +45,8 @@ def cmd_index_from_embeddings(args: argparse.Namespace) -> None:
     from ..index.build import index_vectors
     from ..index.interop import read_embeddings
 
+    check_model(args.model)
+    check_writable(args.out)
     paths, vectors = read_embeddings(args.from_embeddings)
     report = index_vectors(args.out, args.model, paths, vectors, kind=args.ann,
                            memory_budget=args.memory_budget * 1e9, images_root=args.images_dir)
@@ -53,6 +58,7 @@ def cmd_index_from_embeddings(args: argparse.Namespace) -> None:
 def cmd_embeddings_export(args: argparse.Namespace) -> None:
     from ..index.interop import write_embeddings
 
+    check_writable(args.out)
     n = write_embeddings(args.index, args.out)
     print(f"wrote {n} vectors to {args.out}/img_emb and their paths to {args.out}/metadata")
 
@@ -60,7 +66,8 @@ def cmd_embeddings_export(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from ..encode.export import export_onnx_model
 
-    out = export_onnx_model(args.model, args.onnx)
+    check_writable(args.out)
+    out = export_onnx_model(args.model, args.out)
     print(f"wrote {out}/image_encoder.onnx, {out}/text_encoder.onnx, tokenizer files and export.json")
 
 
@@ -72,11 +79,12 @@ def _index_parser(sub) -> None:
     p.add_argument("--from-embeddings", metavar="SRC",
                    help="index vectors computed elsewhere: a folder with img_emb/*.npy + metadata/*.parquet "
                         "(clip-retrieval), or a Parquet file with image_path and embedding columns")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, metavar="INDEX")
-    p.add_argument("--ann", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"])
+    p.add_argument("--model", required=True, help="model folder (its image encoder embeds the collection)")
+    p.add_argument("--out", required=True, metavar="INDEX", help="index folder to write or bring up to date")
+    p.add_argument("--ann", default="auto", choices=["auto", "flat", "hnsw", "ivfpq"],
+                   help="ANN index kind (auto: by collection size and --memory-budget, tuned to recall@10 0.95)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip matching files (repeatable)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
     p.add_argument("--commit-every", type=positive_int, default=256, help="images per catalog transaction")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx", "spark"],
                    help="image encoder runtime (auto: ONNX Runtime on CPU, torch on GPU); spark: spread the "
@@ -101,13 +109,14 @@ def _index_parser(sub) -> None:
 def register(sub) -> None:
     _index_parser(sub)
     p = sub.add_parser("export", help="export a model's encoders as ONNX (with a small ONNX Runtime loader)")
-    p.add_argument("model")
-    p.add_argument("--onnx", required=True, metavar="OUT", help="folder to write")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--out", "--onnx", dest="out", required=True, metavar="DIR",
+                   help="folder to write (--onnx: the older name)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embeddings", help="move embeddings in and out of an index")
     esub = p.add_subparsers(dest="embeddings_command", required=True)
     p = esub.add_parser("export", help="an index's vectors and paths in clip-retrieval's layout")
-    p.add_argument("index")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("index", help="index folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     p.set_defaults(func=cmd_embeddings_export)

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 from ..errors import UsageError
-from .common import open_searcher
+from .common import check_readable, check_writable, open_searcher
 from .options import finite_float, port, positive_int
 
 
@@ -14,6 +16,9 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     if not args.query and not args.image and not args.add:
         raise UsageError("give a text query, --image PATH, or both")
+    if args.image:
+        check_readable(args.image)
+    grid = grid_path(args.grid) if args.grid else None
     searcher = open_searcher(args.index, args.model)
     try:
         results = searcher.search(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
@@ -26,10 +31,25 @@ def cmd_search(args: argparse.Namespace) -> None:
         print(f"{'rank':>4}  {'score':>7}  path")
         for i, r in enumerate(results, 1):
             print(f"{i:>4}  {r.score:7.4f}  {r.path}")
-    if args.grid:
-        save_grid(results, args.grid, title=args.query or "")
-        if not args.json:
-            print(f"grid written to {args.grid}")
+    if grid:
+        save_grid(results, grid, title=args.query or "")
+        print(f"grid written to {grid}", file=sys.stderr if args.json else sys.stdout)
+
+
+GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp")
+
+
+def grid_path(text: str) -> str:
+    """Where ``--grid`` writes: ".png" added when the name has no image suffix; a missing parent
+    folder is created and said; an unwritable place is a one-line error before searching."""
+    path = Path(text)
+    if path.suffix.lower() not in GRID_FORMATS:
+        path = path.with_name(path.name + ".png")
+    check_writable(path)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True)
+        print(f"created folder {path.parent}", file=sys.stderr)
+    return str(path)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -47,9 +67,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="search an index with text, an image, or both")
-    p.add_argument("index")
+    p.add_argument("index", help="index folder")
     p.add_argument("query", nargs="?", help="text query")
-    p.add_argument("-k", type=positive_int, default=9, help="number of results (default 9)")
+    p.add_argument("-k", type=positive_int, default=9, help="number of results")
     p.add_argument("--image", metavar="PATH", help="query image (more like this)")
     p.add_argument("--image-weight", type=finite_float, default=1.0, help="weight of --image against the text")
     p.add_argument("--add", action="append", metavar="TEXT", help="extra text to pull results toward")
@@ -60,15 +80,15 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="serve an index as a search page and JSON API")
-    p.add_argument("index")
+    p.add_argument("index", help="index folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=port, default=8765)
+    p.add_argument("--port", type=port, default=8765, help="TCP port")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow this origin (repeatable)")
     p.add_argument("--max-k", type=positive_int, default=100, help="largest k a request may ask for")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="generate data, train, evaluate, index and search: the whole path")
-    p.add_argument("--out", default="demo-out")
+    p.add_argument("--out", default="demo-out", help="folder for the data, model, index and grids")
     p.add_argument("--images", type=positive_int, default=1200, help="generated training images")
     p.add_argument("--epochs", type=positive_int, default=None, help="cap the training epochs")
     p.add_argument("--model", help="use this model folder instead of training one")

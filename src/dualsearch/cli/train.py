@@ -5,7 +5,7 @@ import argparse
 import json
 
 from ..errors import UsageError
-from .common import add_data_source_args, add_runtime_args, cache_root, read_source
+from .common import add_data_source_args, add_runtime_args, cache_root, check_model, check_writable, read_source
 from .options import fraction, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int, seed
 
 contrastive_batch = int_at_least(2, name="contrastive_batch")  # one positive needs one negative at least
@@ -32,6 +32,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.augment:
         overrides["augment"] = True
     mcfg, tcfg = recipe(args.recipe, **overrides)
+    check_writable(args.out)
+    if args.init:
+        check_model(args.init)
     train, val = _train_val(args, tcfg.seed)
     if len(train) < 2:
         raise UsageError(f"{args.captions}: {len(train)} usable training images; a contrastive batch needs at "
@@ -62,11 +65,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from ..eval import retrieval_metrics
     from ..model.dual_encoder import DualEncoder
 
-    model = DualEncoder.load(args.model)
+    check_model(args.model)  # data and model are checked before the model loads
     ds = read_source(args, captions_per_image=args.captions_per_image)
     records = ds.records[: args.limit] if args.limit else ds.records
     if not records:
         raise UsageError(f"{args.captions}: no usable records to evaluate")
+    model = DualEncoder.load(args.model)
     emb = embed_records(model, records, cache_root(args), num_workers=args.workers)
     metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=args.k)
     print(json.dumps(metrics.as_dict()) if args.json else metrics.table())
@@ -85,12 +89,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--text-tower", help="minilm-l6 (default), hf:<id|path>")
     p.add_argument("--image-trainable", help="frozen (default), all, last:N")
     p.add_argument("--text-trainable", help="frozen (default), all, last:N")
-    p.add_argument("--loss", choices=["seed", "clip", "siglip"])
-    p.add_argument("--temperature", type=positive_float)
+    p.add_argument("--loss", choices=["seed", "clip", "siglip"], help="contrastive loss (default: the recipe's)")
+    p.add_argument("--temperature", type=positive_float,
+                   help="softmax temperature: fixed (seed) or initial (clip, siglip) (default: the recipe's)")
     for name, kind in (("embed-dim", positive_int), ("head-layers", non_negative_int), ("epochs", positive_int),
                        ("batch-size", contrastive_batch), ("lr", positive_float), ("weight-decay", non_negative_float),
                        ("captions-per-image", positive_int), ("seed", seed)):
-        p.add_argument(f"--{name}", type=kind)
+        p.add_argument(f"--{name}", type=kind, help=f"{name.replace('-', ' ')} (default: the recipe's)")
     p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--devices", default="auto", help="number of devices (several GPUs use DDP)")
@@ -104,15 +109,15 @@ def register(sub) -> None:
     msub = p.add_subparsers(dest="model_command", required=True)
     p = msub.add_parser("import", help="make a model folder from a pretrained CLIP / SigLIP (Hugging Face)")
     p.add_argument("source", help="hf:<hub id or local folder>, e.g. hf:openai/clip-vit-base-patch32")
-    p.add_argument("--out", required=True, metavar="MODEL")
+    p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write")
     p.set_defaults(func=cmd_model_import)
 
     p = sub.add_parser("eval", help="Recall@K both ways and top-k accuracy")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model folder")
     add_data_source_args(p)
-    p.add_argument("--k", type=positive_int, default=100, help="k of the top-k accuracy (default 100)")
+    p.add_argument("-k", "--k", dest="k", type=positive_int, default=100, help="k of the top-k accuracy")
     p.add_argument("--captions-per-image", type=positive_int, help="use only the first N captions of each image")
     p.add_argument("--limit", type=positive_int, help="evaluate the first N images only")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     add_runtime_args(p)
     p.set_defaults(func=cmd_eval)

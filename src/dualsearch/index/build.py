@@ -25,7 +25,7 @@ import numpy as np
 
 from ..data.readers import DataError
 from ..model.dual_encoder import DualEncoder
-from ..model.folder import model_content_hash
+from ..model.folder import model_content_hash, read_model_config
 from ..storage import StorageError
 from . import ann
 from .catalog import CATALOG_FILE, Catalog, IndexedFile
@@ -104,11 +104,12 @@ def index_job(out: str | os.PathLike, model_path: str | os.PathLike, kind: str =
     index holds another model's vectors."""
     check_kind(kind)
     model_path = str(Path(model_path).resolve())
-    model = DualEncoder.load(model_path, device=device)
+    read_model_config(model_path)  # the cheap checks first: a wrong pairing fails before the model loads
     model_hash = model_content_hash(model_path)
     catalog = Catalog(out, create=True)
     try:
         catalog.bind_model(model_hash, model_path)
+        model = DualEncoder.load(model_path, device=device)
         yield IndexJob(Path(out), model, model_path, model_hash, catalog, kind, memory_budget)
     finally:
         catalog.close()
@@ -154,9 +155,14 @@ def _require_images(src: str, inputs: Inputs, out: str | os.PathLike) -> None:
 
 
 def _list_local(images_dir: str, exclude: Sequence[str]) -> Inputs:
+    if os.path.isfile(images_dir) and (images_dir.endswith((".tar", ".txt", ".lst", ".list", ".csv"))):
+        raise DataError(f"{images_dir}: WebDataset shards and lists of paths or URIs are indexed with "
+                        f"--engine spark (which runs on this machine too)")
+    if any(ch in images_dir for ch in "*?[{"):
+        raise DataError(f"{images_dir}: a pattern of WebDataset shards is indexed with --engine spark (which "
+                        f"runs on this machine too)")
     if os.path.exists(images_dir) and not os.path.isdir(images_dir):
-        raise DataError(f"{images_dir}: not a folder (lists of paths or URIs and WebDataset shards are "
-                        f"indexed with --engine spark, which runs on this machine too)")
+        raise DataError(f"{images_dir}: not a folder (give the folder that holds the images)")
     inputs = list_folder(images_dir, exclude)
     if not inputs.files and any(Path(images_dir).glob("*.tar")):
         raise DataError(f"{images_dir}: no images here, only .tar files: index WebDataset shards with "

@@ -138,13 +138,19 @@ def test_permission_denied_is_not_no_such_file(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- kind 2: file system, encoding
-def test_names_that_are_not_utf8_are_indexed_losslessly(tmp_path, tiny_model, capsys):
+def _photos_with_a_latin1_name(tmp_path) -> tuple[Path, bytes]:
+    """photos/plain.jpg and photos/caf\\xe9.jpg (bytes that are not UTF-8, as Latin-1 systems write)."""
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "plain.jpg")
     raw = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
     with open(raw, "wb") as f:
         f.write((folder / "plain.jpg").read_bytes())
+    return folder, raw
+
+
+def test_names_that_are_not_utf8_are_indexed_losslessly(tmp_path, tiny_model, capsys):
+    folder, raw = _photos_with_a_latin1_name(tmp_path)
     name = os.fsdecode(raw)
     out = tmp_path / "idx"
     report = _index(folder, tiny_model, out)
@@ -273,12 +279,7 @@ def test_spark_shards_keep_names_that_are_not_utf8(tmp_path, tiny_model):
     from dualsearch.index.plan import Part
     from dualsearch.model.dual_encoder import DualEncoder
 
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "plain.jpg")
-    raw = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
-    with open(raw, "wb") as f:
-        f.write((folder / "plain.jpg").read_bytes())
+    folder, raw = _photos_with_a_latin1_name(tmp_path)
     names = [str(folder / "plain.jpg"), os.fsdecode(raw)]
     model = DualEncoder.load(tiny_model)
     onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), "fsname-test", model.image_tower.image_size,

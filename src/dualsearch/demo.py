@@ -38,7 +38,7 @@ def _evaluate(out: Path, model, records, cache: Path, step) -> None:
     from .eval import retrieval_metrics
 
     step("evaluating on held-out images")
-    emb = embed_records(model, records, cache)
+    emb = embed_records(model, records, cache, show_progress=False)
     metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=100)
     (out / "eval.txt").write_text(metrics.table() + "\n")
     (out / "eval.json").write_text(json.dumps(metrics.as_dict(), indent=2))

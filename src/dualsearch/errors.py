@@ -22,3 +22,9 @@ class UsageError(DualsearchError):
 
 class ConfigError(DualsearchError):
     """A recipe, tower setting or engine name that does not exist."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during a long step, after what could be kept was kept; ``str()`` is one line
+    saying what (the command line prints ``dualsearch: interrupted: <message>`` and exits 130).
+    A ``KeyboardInterrupt`` on purpose: ``except Exception`` never swallows it."""

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data.records import ImageCaption, ImageRef, SkipLog
+from ..errors import Interrupted
+from ..logs import progress, say
 from .backends import image_forward, text_forward
 from .cache import FeatureCache, default_cache_dir, image_key, open_caches, text_key
 from .loader import image_loader
@@ -42,59 +42,94 @@ def _fill_from_cache(cache: FeatureCache | None, keys: Sequence[str], feats: np.
 def compute_image_features(tower, refs: Sequence[ImageRef], cache: FeatureCache | None = None,
                            batch_size: int = 64, num_workers: int | None = None, device: str = "cpu",
                            skipped: SkipLog | None = None, desc: str = "image features", engine: str = "auto",
-                           cache_root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+                           cache_root: str | os.PathLike | None = None,
+                           show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Image tower features for ``refs`` -> (features ``[N, F]`` float32, ok mask ``[N]`` bool).
 
     Bad images get a zero row, ``ok=False`` and an entry in ``skipped``. ONNX exports go under
-    ``cache_root`` (default :func:`default_cache_dir`)."""
+    ``cache_root`` (default :func:`default_cache_dir`). Progress: :func:`dualsearch.logs.progress`
+    (``show_progress=False``: none). Ctrl-C raises :class:`~dualsearch.errors.Interrupted`; every
+    batch already computed stays in ``cache``."""
     feats = np.zeros((len(refs), tower.output_dim), dtype=np.float32)
     keys = [image_key(r) for r in refs] if cache else []
     todo = _fill_from_cache(cache, keys, feats, len(refs))
     ok = np.ones(len(refs), dtype=bool)
     ok[todo] = False
-    if cache:
-        log.info("%s: %d cached, %d to compute", desc, len(refs) - len(todo), len(todo))
+    desc = _with_cached(desc, len(refs) - len(todo), "images", not todo and show_progress)
     if not todo:
         return feats, ok
     forward, used = image_forward(tower, tower.fingerprint(), tower.image_size, cache_root or default_cache_dir(),
                                   engine, device)
-    t0 = time.perf_counter()
-    with tqdm(total=len(todo), desc=desc, unit="img") as bar:
-        for idx, pixels, bad in image_loader([refs[i] for i in todo], tower, batch_size, num_workers):
-            for j, reason in bad:
-                if skipped is not None:
-                    skipped.add(refs[todo[j]].name, reason)
-            if pixels is not None:
-                out = forward(pixels)
-                rows = [todo[j] for j in idx]
-                feats[rows], ok[rows] = out, True
-                if cache:
-                    cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
-            bar.update(len(idx) + len(bad))
-    log.info("%s: %d images in %.1f s (%s)", desc, len(todo), time.perf_counter() - t0, used)
+    done = 0
+    try:
+        with progress(len(todo), desc, "img", "images", enabled=show_progress) as bar:
+            for idx, pixels, bad in image_loader([refs[i] for i in todo], tower, batch_size, num_workers):
+                for j, reason in bad:
+                    if skipped is not None:
+                        skipped.add(refs[todo[j]].name, reason)
+                if pixels is not None:
+                    out = forward(pixels)
+                    rows = [todo[j] for j in idx]
+                    if cache:
+                        cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
+                    feats[rows], ok[rows] = out, True
+                done += len(idx) + len(bad)
+                bar.update(len(idx) + len(bad))
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise _stopped(desc, done, len(todo), "images", cache is not None) from None
+    log.debug("%s: %d images (%s)", desc, len(todo), used)
     return feats, ok
+
+
+def _with_cached(desc: str, cached: int, noun: str, all_cached: bool) -> str:
+    """The step's name with its cache hits, e.g. ``image features (900 cached)``; a step whose
+    items were all cached says so in its one line now (there is nothing to time)."""
+    if all_cached and cached:
+        say(f"{desc}: all {cached:,} {noun} cached")
+    return f"{desc} ({cached:,} cached)" if cached else desc
+
+
+def _stopped(desc: str, done: int, total: int, noun: str, cached: bool) -> Interrupted:
+    """The one line of a feature step stopped by Ctrl-C: what the cache kept."""
+    if cached:
+        return Interrupted(f"{desc} stopped after {done:,} of {total:,} {noun}; their features are cached: "
+                           f"run the same command again to resume")
+    return Interrupted(f"{desc} stopped after {done:,} of {total:,} {noun} (no feature cache: nothing was kept)")
 
 
 @torch.inference_mode()
 def compute_text_features(tower, texts: Sequence[str], cache: FeatureCache | None = None,
                           batch_size: int = 256, device: str = "cpu", desc: str = "text features",
-                          engine: str = "auto", cache_root: str | os.PathLike | None = None) -> np.ndarray:
-    """Text tower features for ``texts`` -> ``[M, F]`` float32 (batches sorted by length)."""
+                          engine: str = "auto", cache_root: str | os.PathLike | None = None,
+                          show_progress: bool = True) -> np.ndarray:
+    """Text tower features for ``texts`` -> ``[M, F]`` float32 (batches sorted by length); progress
+    and Ctrl-C as :func:`compute_image_features`."""
     feats = np.zeros((len(texts), tower.output_dim), dtype=np.float32)
     keys = [text_key(t) for t in texts] if cache else []
     todo = _fill_from_cache(cache, keys, feats, len(texts))
+    desc = _with_cached(desc, len(texts) - len(todo), "texts", not todo and show_progress)
     if not todo:
         return feats
     forward, used = text_forward(tower, tower.fingerprint(), cache_root or default_cache_dir(), engine, device)
     todo.sort(key=lambda i: len(texts[i]))  # short padding
-    t0 = time.perf_counter()
-    for s in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
-        rows = todo[s:s + batch_size]
-        out = forward(tower.tokenize([texts[i] for i in rows]))
-        feats[rows] = out
-        if cache:
-            cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
-    log.info("%s: %d texts in %.1f s (%s)", desc, len(todo), time.perf_counter() - t0, used)
+    done = 0
+    try:
+        with progress(len(todo), desc, "text", "texts", enabled=show_progress) as bar:
+            for s in range(0, len(todo), batch_size):
+                rows = todo[s:s + batch_size]
+                out = forward(tower.tokenize([texts[i] for i in rows]))
+                if cache:
+                    cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
+                feats[rows] = out
+                done += len(rows)
+                bar.update(len(rows))
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise _stopped(desc, done, len(todo), "texts", cache is not None) from None
+    log.debug("%s: %d texts (%s)", desc, len(todo), used)
     return feats
 
 
@@ -120,10 +155,11 @@ class TowerFeatures:
 
 def tower_features(model, records: Sequence[ImageCaption], cache_root: str | os.PathLike | None,
                    device: str = "cpu", num_workers: int | None = None, batch_size: int = 64,
-                   images: bool = True, texts: bool = True, use_cache: bool = True) -> TowerFeatures:
+                   images: bool = True, texts: bool = True, use_cache: bool = True,
+                   show_progress: bool = True) -> TowerFeatures:
     """Both towers' features of ``records`` (frozen towers through the cache under ``cache_root``;
     no caching when ``use_cache`` is false or ``cache_root`` is None). Images are not decoded when
-    ``images=False``."""
+    ``images=False``. ``show_progress=False``: no progress bars or lines."""
     img_cache, txt_cache = open_caches(model, cache_root if use_cache else None)
     skipped = SkipLog()
     kept, img_f = list(records), None
@@ -131,11 +167,12 @@ def tower_features(model, records: Sequence[ImageCaption], cache_root: str | os.
         if images:
             feats, ok = compute_image_features(model.image_tower, [r.image for r in records], img_cache,
                                                batch_size=batch_size, num_workers=num_workers, device=device,
-                                               skipped=skipped, cache_root=cache_root)
+                                               skipped=skipped, cache_root=cache_root,
+                                               show_progress=show_progress)
             kept, img_f = [r for r, good in zip(records, ok) if good], feats[ok]
         captions, owner = flatten_captions(kept)
-        text_f = (compute_text_features(model.text_tower, captions, txt_cache, device=device, cache_root=cache_root)
-                  if texts else None)
+        text_f = (compute_text_features(model.text_tower, captions, txt_cache, device=device, cache_root=cache_root,
+                                        show_progress=show_progress) if texts else None)
     finally:
         for c in (img_cache, txt_cache):
             if c:
@@ -170,10 +207,10 @@ class EmbeddedSet:
 
 
 def embed_records(model, records: Sequence[ImageCaption], cache_root: str | os.PathLike | None,
-                  device: str = "cpu", num_workers: int | None = None) -> EmbeddedSet:
+                  device: str = "cpu", num_workers: int | None = None, show_progress: bool = True) -> EmbeddedSet:
     """Embed an image-caption set with a dual encoder (frozen tower features cached under
     ``cache_root``; None disables the cache)."""
-    f = tower_features(model, records, cache_root, device, num_workers)
+    f = tower_features(model, records, cache_root, device, num_workers, show_progress=show_progress)
     model.to(device)
     return EmbeddedSet(f.records, apply_head(model.image_head, f.image, device),
                        apply_head(model.text_head, f.text, device), f.text_image, f.skipped)

@@ -14,8 +14,11 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -27,9 +30,9 @@ import torch
 from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
-from ..errors import ConfigError, UsageError
+from ..errors import ConfigError, Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
-from .module import DualEncoderModule, History, TrainingError
+from .module import DualEncoderModule, EpochProgress, History, TrainingError
 from .pairs import MIN_TRAIN_IMAGES, build_loaders
 
 log = logging.getLogger(__name__)
@@ -73,11 +76,12 @@ class FitResult:
 def _trainer(tcfg: TrainConfig, monitor: str, ckpt_dir: str, history: list[dict], accelerator: str,
              devices: int | str, on_gpu: bool, progress: bool) -> tuple[pl.Trainer, pl.callbacks.ModelCheckpoint]:
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode="min", save_top_k=1)
-    callbacks = [checkpoint, History(history),
+    # Lightning's own bar writes to stdout and is invisible in logs: EpochProgress shows the epochs
+    callbacks = [checkpoint, History(history), EpochProgress(history, tcfg.epochs, progress),
                  pl.callbacks.EarlyStopping(monitor=monitor, mode="min", patience=tcfg.early_stop_patience)]
     trainer = pl.Trainer(max_epochs=tcfg.epochs, accelerator=accelerator, devices=devices,
                          precision="bf16-mixed" if on_gpu else "32-true", callbacks=callbacks, logger=False,
-                         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          log_every_n_steps=1, deterministic=False)
     return trainer, checkpoint
 
@@ -101,20 +105,75 @@ def _check_inputs(tcfg: TrainConfig, train: Sequence[ImageCaption]) -> None:
         raise UsageError(f"the learning rate must be a finite number > 0, got {tcfg.lr}")
 
 
-def _run(trainer: pl.Trainer, module: DualEncoderModule, checkpoint, train_dl, val_dl) -> tuple:
-    """Train; restore the best checkpoint's weights. -> (best score or None, best epoch (1-based) or
-    None, the :class:`TrainingError` that stopped a diverging run or None)."""
-    failure = None
+@dataclass
+class _Outcome:
+    """How a run ended: the best checkpoint's score and (1-based) epoch, the :class:`TrainingError`
+    that stopped a diverging run, or the epoch a Ctrl-C stopped."""
+
+    best: float | None = None
+    best_epoch: int | None = None
+    failure: TrainingError | None = None
+    stopped_in: int | None = None
+
+
+def _run(trainer: pl.Trainer, module: DualEncoderModule, checkpoint, train_dl, val_dl) -> _Outcome:
+    """Train; restore the best checkpoint's weights (as EarlyStopping(restore_best_weights)).
+
+    Lightning catches Ctrl-C in ``fit``, ignores SIGINT from then on, marks the trainer
+    interrupted and calls ``sys.exit(1)``: that ``SystemExit`` becomes ``stopped_in``."""
+    outcome = _Outcome()
     try:
         trainer.fit(module, train_dl, val_dl)
     except TrainingError as e:
-        failure = e
+        outcome.failure = e
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        outcome.stopped_in = trainer.current_epoch + 1
+    except KeyboardInterrupt:  # one that reached us past Lightning's handler
+        outcome.stopped_in = trainer.current_epoch + 1
     if not checkpoint.best_model_path:
-        return None, None, failure
-    ckpt = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-    module.load_state_dict(ckpt["state_dict"], strict=False)  # as EarlyStopping(restore_best_weights)
+        return outcome
+    try:
+        ckpt = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        if outcome.stopped_in is None:
+            raise
+        return outcome  # Ctrl-C while the checkpoint was being written: there is no best epoch
+    module.load_state_dict(ckpt["state_dict"], strict=False)
     best = checkpoint.best_model_score
-    return (float(best) if best is not None else None), int(ckpt.get("epoch", 0)) + 1, failure
+    outcome.best, outcome.best_epoch = (float(best) if best is not None else None), int(ckpt.get("epoch", 0)) + 1
+    return outcome
+
+
+@contextmanager
+def _sigint_restored():
+    """Put back this process's SIGINT handler on the way out (Lightning leaves SIGINT ignored after a
+    Ctrl-C; until then a second Ctrl-C cannot break the writing of the best model)."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main and handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
+def _train(module: DualEncoderModule, tcfg: TrainConfig, train_dl, val_dl, history: list[dict], cached,
+           accelerator: str, devices: int | str, on_gpu: bool, progress: bool) -> _Outcome:
+    """The Lightning run, its checkpoints in a temporary folder that is always removed."""
+    ckpt_dir = tempfile.mkdtemp(prefix="dualsearch-ckpt-")
+    try:
+        trainer, checkpoint = _trainer(tcfg, module.monitor, ckpt_dir, history, accelerator, devices, on_gpu,
+                                       progress)
+        t0 = time.perf_counter()
+        outcome = _run(trainer, module, checkpoint, train_dl, val_dl)
+        if outcome.stopped_in is None:
+            log.info("trained %d epochs in %.1f s (image %s, text %s)", len(history), time.perf_counter() - t0,
+                     *("cached features" if c else "tower every step" for c in cached))
+    finally:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return outcome
 
 
 def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val: Sequence[ImageCaption],
@@ -124,12 +183,15 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     """Train a dual encoder (``init_model``, or a new one from ``mcfg``) on ``train``, early-stopped
     on ``val`` (or on the training loss without it); restore the best epoch's weights and (if
     ``out``) write its model folder. Frozen towers' features are cached under ``cache_dir``.
+    Progress (features, then epochs) goes to stderr: bars on a terminal, else one line per step
+    and per epoch; ``progress=False`` shows none.
 
     Raises :class:`~dualsearch.data.readers.DataError` with fewer than 2 usable training images,
     :class:`UsageError` for settings out of range, and :class:`TrainingError` when the run diverges
     (a NaN/inf loss, weight or temperature): the best earlier epoch, if one finished, is still
     written to ``out`` (the message says so; ``error.result`` holds its :class:`FitResult`), else
-    nothing is written."""
+    nothing is written. Ctrl-C raises :class:`~dualsearch.errors.Interrupted` the same way (the
+    best epoch so far written, or nothing before the first epoch ended); no checkpoint is left."""
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
@@ -138,36 +200,44 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
               use_cache and model.text_tower.is_frozen)
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     train_dl, val_dl = build_loaders(model, tcfg, train, val, cached, cache_dir if use_cache else None,
-                                     "cuda" if on_gpu else "cpu", num_workers)
+                                     "cuda" if on_gpu else "cpu", num_workers, progress)
     # computing features draws from the global RNG (DataLoader seeds): seed again so that both
     # paths start training from the same random state (same dropout masks, same batches)
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     module = DualEncoderModule(model, tcfg, cached, "val_loss" if val_dl is not None else "train_loss")
     history: list[dict] = []
-    ckpt_dir = tempfile.mkdtemp(prefix="dualsearch-ckpt-")
-    try:
-        trainer, checkpoint = _trainer(tcfg, module.monitor, ckpt_dir, history, accelerator, devices, on_gpu,
-                                       progress)
-        t0 = time.perf_counter()
-        best, best_epoch, failure = _run(trainer, module, checkpoint, train_dl, val_dl)
-        log.info("trained %d epochs in %.1f s (image %s, text %s)", len(history), time.perf_counter() - t0,
-                 *("cached features" if c else "tower every step" for c in cached))
-    finally:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if failure is not None and best_epoch is None:
-        raise TrainingError(f"{failure}; no epoch finished with finite weights, so no model was written") \
-            from failure
-    model = module.model.cpu().eval()
-    folder = None
-    if out is not None:
-        folder = model.save(out, extra={"train": to_dict(tcfg), "data": {"train_images": len(train),
-                                                                         "val_images": len(val), **(extra or {})}})
-        model.folder = folder
-        write_history(history, folder)
-    result = FitResult(model, folder, history, best)
-    if failure is not None:
-        _raise_with_best(failure, result, best_epoch, module.monitor)
+    with _sigint_restored():
+        outcome = _train(module, tcfg, train_dl, val_dl, history, cached, accelerator, devices, on_gpu, progress)
+        if outcome.best_epoch is None and (outcome.stopped_in is not None or outcome.failure is not None):
+            _raise_nothing_written(outcome)
+        model = module.model.cpu().eval()
+        folder = None
+        if out is not None:
+            folder = model.save(out, extra={"train": to_dict(tcfg), "data": {
+                "train_images": len(train), "val_images": len(val), **(extra or {})}})
+            model.folder = folder
+            write_history(history, folder)
+    result = FitResult(model, folder, history, outcome.best)
+    if outcome.failure is not None:
+        _raise_with_best(outcome.failure, result, outcome.best_epoch, module.monitor)
+    if outcome.stopped_in is not None:
+        _raise_interrupted(result, outcome)
     return result
+
+
+def _raise_nothing_written(outcome: _Outcome) -> None:
+    if outcome.stopped_in is not None:
+        raise Interrupted("stopped before the first epoch ended; no model was written")
+    raise TrainingError(f"{outcome.failure}; no epoch finished with finite weights, so no model was written") \
+        from outcome.failure
+
+
+def _raise_interrupted(result: FitResult, outcome: _Outcome) -> None:
+    where = f"written to {result.folder}" if result.folder is not None else "kept in error.result"
+    error = Interrupted(f"stopped during epoch {outcome.stopped_in}; the best model so far "
+                        f"(epoch {outcome.best_epoch}) was {where}")
+    error.result = result
+    raise error
 
 
 def _raise_with_best(failure: TrainingError, result: FitResult, epoch: int, monitor: str) -> None:

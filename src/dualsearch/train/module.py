@@ -1,7 +1,8 @@
-"""The Lightning module that trains a dual encoder, and the per-epoch history callback."""
+"""The Lightning module that trains a dual encoder, and the per-epoch history and progress callbacks."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import lightning.pytorch as pl
@@ -9,7 +10,7 @@ import torch
 
 from ..config import TrainConfig
 from ..errors import DualsearchError
-from ..logs import quiet_libraries
+from ..logs import on_terminal, progress, quiet_libraries, say
 from ..model.dual_encoder import DualEncoder
 
 # Lightning sets its loggers to INFO on import; keep its tips and banners out of our output
@@ -143,3 +144,48 @@ class History(pl.Callback):
                           "lr": trainer.optimizers[0].param_groups[0]["lr"],
                           "temperature": float(m.get("temperature", float("nan"))),
                           "seconds": time.perf_counter() - self.t0})
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """``epoch 3/60: train loss 1.2345, val loss 1.4567 (2.1 s)`` (no val part without validation)."""
+    val = f", val loss {row['val_loss']:.4f}" if math.isfinite(row["val_loss"]) else ""
+    return f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}{val} ({row['seconds']:.1f} s)"
+
+
+class EpochProgress(pl.Callback):
+    """Training progress, from the rows :class:`History` appends (list it after History): on a
+    terminal a tqdm bar over epochs with the last losses as postfix, elsewhere one line per
+    epoch (:func:`epoch_line`) on stderr; nothing when not ``enabled``. Epochs are 1-based, as in
+    ``loss_history.csv``."""
+
+    def __init__(self, rows: list[dict], epochs: int, enabled: bool = True):
+        self.rows, self.epochs = rows, epochs
+        self.enabled = enabled
+        self.bar = None
+
+    def on_train_start(self, trainer, module):
+        if self.enabled and on_terminal():
+            self.bar = progress(self.epochs, "training", "epoch", "epochs")
+
+    def on_train_epoch_end(self, trainer, module):
+        if not self.enabled or not self.rows:
+            return
+        row = self.rows[-1]
+        if self.bar is None:
+            say(epoch_line(row, self.epochs))
+            return
+        val = f", val {row['val_loss']:.4f}" if math.isfinite(row["val_loss"]) else ""
+        self.bar.set_postfix_str(f"train {row['train_loss']:.4f}{val}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Leave the bar as it is (early stopping ends before the last epoch)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, trainer, module):
+        self.close()
+
+    def on_exception(self, trainer, module, exception):
+        self.close()

@@ -94,18 +94,19 @@ class PairCollate:
 
 def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
                   val: Sequence[ImageCaption], cached: tuple[bool, bool], cache_root, device: str,
-                  num_workers: int | None):
+                  num_workers: int | None, progress: bool = True):
     """(train, val or None) DataLoaders; a side whose tower is frozen (and, for images, not
     augmented) reads features computed once through the cache under ``cache_root`` (None: no
     cache), the other side reads raw inputs. Raises :class:`DataError` when fewer than
-    ``MIN_TRAIN_IMAGES`` training images are left once unreadable ones are dropped."""
+    ``MIN_TRAIN_IMAGES`` training images are left once unreadable ones are dropped. ``progress``:
+    feature steps show their progress (:func:`dualsearch.logs.progress`)."""
     image_cached, text_cached = cached
 
     def dataset(records, fixed):
         img_f = txt_f = None
         if image_cached or text_cached:
             f = tower_features(model, records, cache_root, device, num_workers, images=image_cached,
-                               texts=text_cached)
+                               texts=text_cached, show_progress=progress)
             records, img_f, txt_f = f.records, f.image, f.text
         return Pairs(records, tcfg.pairs, img_f, txt_f, model.image_tower.preprocessor(),
                      model.image_tower.image_size, fixed=fixed, augment=tcfg.augment and not fixed)

@@ -107,18 +107,23 @@ def test_an_unreadable_subfolder_keeps_its_rows(tmp_path, collection, tiny_model
 def test_deep_trees_and_symlink_loops(tmp_path):
     deep = tmp_path / "deep"
     deep.mkdir()
-    folder = deep
+    chain = [deep]
     for _ in range(sys.getrecursionlimit() + 200):  # deeper than a recursive walk could go
-        folder = folder / "d"
-        folder.mkdir()  # one level at a time: Path.mkdir(parents=True) recurses too
-    Image.new("RGB", (8, 8)).save(folder / "bottom.png")
-    Image.new("RGB", (8, 8)).save(deep / "top.png")
-    (deep / "loop").symlink_to(deep)  # a link back up
-    (deep / "alias").symlink_to(deep / "d")  # a second way to the same folder
-    listing = walk_images(deep)
-    assert sorted(Path(p).name for p in listing.files) == ["bottom.png", "top.png"]
-    assert len(listing.files) == 2 and all("/alias/" not in p and "/loop/" not in p for p in listing.files)
-    assert sorted(Path(p).name for p in listing.loops) == ["alias", "loop"]
+        chain.append(chain[-1] / "d")
+        chain[-1].mkdir()  # one level at a time: Path.mkdir(parents=True) recurses too
+    try:
+        Image.new("RGB", (8, 8)).save(chain[-1] / "bottom.png")
+        Image.new("RGB", (8, 8)).save(deep / "top.png")
+        (deep / "loop").symlink_to(deep)  # a link back up
+        (deep / "alias").symlink_to(deep / "d")  # a second way to the same folder
+        listing = walk_images(deep)
+        assert sorted(Path(p).name for p in listing.files) == ["bottom.png", "top.png"]
+        assert len(listing.files) == 2 and all("/alias/" not in p and "/loop/" not in p for p in listing.files)
+        assert sorted(Path(p).name for p in listing.loops) == ["alias", "loop"]
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses, and would fail on this tree at session end
+        (chain[-1] / "bottom.png").unlink(missing_ok=True)
+        for folder in reversed(chain[1:]):
+            folder.rmdir()
 
 
 def test_permission_denied_is_not_no_such_file(tmp_path, monkeypatch):

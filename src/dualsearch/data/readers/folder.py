@@ -40,9 +40,6 @@ def image_extensions() -> frozenset[str]:
     return frozenset(exts | {".mpo"})  # multi-picture JPEGs open through the JPEG plugin
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # WebDataset member keys
-
-
 def is_image_name(name: str) -> bool:
     """Whether a file name has an extension :func:`image_extensions` lists (any case)."""
     return os.path.splitext(name)[1].lower() in image_extensions()

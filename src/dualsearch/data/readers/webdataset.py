@@ -9,7 +9,7 @@ from typing import Sequence
 
 from ..records import ImageRef, SkipLog
 from .base import CaptionDataset, Format, read_containers
-from .folder import IMAGE_EXTENSIONS
+from .folder import image_extensions
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
@@ -60,7 +60,7 @@ def scan_shard(shard: str, groups: OrderedDict, refs: dict, skipped: SkipLog) ->
                 if member.offset_data + member.size > file_size:
                     skipped.add(f"{shard}::{member.name}", "broken tar member: truncated")
                     break
-                if "." + ext in IMAGE_EXTENSIONS:
+                if "." + ext in image_extensions():
                     refs[key] = ImageRef(shard, member.name, member.offset_data, member.size)
                     groups.setdefault(key, [])
                 elif ext in ("txt", "caption", "text"):

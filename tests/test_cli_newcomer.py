@@ -134,3 +134,22 @@ def test_grid_paths(tmp_path, tiny_model, shapes_data, capsys):
     assert main(["search", str(out), "a red circle", "--grid", str(blocker / "g.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dualsearch: error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_a_typo_costs_no_torch_import(tmp_path, tiny_model):
+    """The cheap checks run before torch, transformers or Lightning are even imported (seconds)."""
+    code = f"""
+import sys
+from dualsearch.cli import main
+for argv in (["index", {str(tmp_path / 'typo')!r}, "--model", {str(tiny_model)!r}, "--out", {str(tmp_path / 'i')!r}],
+             ["eval", "--model", {str(tiny_model)!r}, "--captions", {str(tmp_path / 'typo.json')!r}],
+             ["train", "--captions", {str(tmp_path / 'typo.json')!r}, "--out", {str(tmp_path / 'm')!r}],
+             ["search", {str(tmp_path / 'no-index')!r}, "a red circle"]):
+    assert main(argv) == 2, argv
+heavy = sorted(m for m in ("torch", "transformers", "lightning") if m in sys.modules)
+assert not heavy, heavy
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

@@ -25,8 +25,7 @@ def _train_val(args: argparse.Namespace, seed: int):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..train.finetune import load_for_finetuning
-    from ..train.fit import fit, recipe
+    from ..train.recipes import recipe
 
     overrides = {k: getattr(args, k) for k in TRAIN_OVERRIDES}
     if args.augment:
@@ -36,6 +35,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.init:
         check_model(args.init)
     train, val = _train_val(args, tcfg.seed)
+    from ..train.finetune import load_for_finetuning  # torch and Lightning: once the input checks passed
+    from ..train.fit import fit
+
     if len(train) < 2:
         raise UsageError(f"{args.captions}: {len(train)} usable training images; a contrastive batch needs at "
                          f"least 2")
@@ -61,15 +63,15 @@ def cmd_model_import(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from ..encode.features import embed_records
-    from ..eval import retrieval_metrics
-    from ..model.dual_encoder import DualEncoder
-
     check_model(args.model)  # data and model are checked before the model loads
     ds = read_source(args, captions_per_image=args.captions_per_image)
     records = ds.records[: args.limit] if args.limit else ds.records
     if not records:
         raise UsageError(f"{args.captions}: no usable records to evaluate")
+    from ..encode.features import embed_records  # torch: once the input checks passed
+    from ..eval import retrieval_metrics
+    from ..model.dual_encoder import DualEncoder
+
     model = DualEncoder.load(args.model)
     emb = embed_records(model, records, cache_root(args), num_workers=args.workers)
     metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=args.k)

@@ -19,12 +19,11 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
 from ..data.readers import DataError
-from ..model.dual_encoder import DualEncoder
 from ..model.folder import model_content_hash, read_model_config
 from ..storage import StorageError
 from . import ann
@@ -40,6 +39,9 @@ from .manifest import (
     write_manifest,
 )
 from .plan import Inputs, Plan, diff, list_folder, list_inputs
+
+if TYPE_CHECKING:
+    from ..model.dual_encoder import DualEncoder
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ def index_job(out: str | os.PathLike, model_path: str | os.PathLike, kind: str =
     catalog = Catalog(out, create=True)
     try:
         catalog.bind_model(model_hash, model_path)
+        from ..model.dual_encoder import DualEncoder  # torch: imported once the cheap checks have passed
+
         model = DualEncoder.load(model_path, device=device)
         yield IndexJob(Path(out), model, model_path, model_hash, catalog, kind, memory_budget)
     finally:
@@ -178,15 +182,16 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
     """Index every image below ``images_dir`` into ``out``, embedding in this process (see the
     module docstring and :func:`apply_removals`). Raises :class:`~dualsearch.errors.DualsearchError`
     subclasses."""
-    from .local import embed_files
-
     check_kind(kind)
     inputs = _list_local(str(images_dir), exclude)
     _require_images(str(images_dir), inputs, out)
+
     with index_job(out, model_path, kind, memory_budget, device) as job:
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), unchanged=plan.unchanged)
         apply_removals(job.catalog, plan, inputs, str(images_dir), report, allow_mass_delete)
+        from .local import embed_files  # torch: once the cheap checks have passed
+
         embed_files(job, plan.todo, report, batch_size, num_workers, commit_every, progress, max_pixels, engine)
         job.catalog.set_meta("images_root", os.path.abspath(images_dir))
         finish(job, report)

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -30,39 +30,13 @@ import torch
 from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
-from ..errors import ConfigError, Interrupted, UsageError
+from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
 from .module import DualEncoderModule, EpochProgress, History, TrainingError
 from .pairs import MIN_TRAIN_IMAGES, build_loaders
+from .recipes import RECIPES, recipe  # noqa: F401 (the run's recipes, importable from here too)
 
 log = logging.getLogger(__name__)
-
-RECIPES: dict[str, tuple[ModelConfig, TrainConfig]] = {
-    # The reference, exactly: soft-target loss, fixed temperature 0.05, unnormalised embeddings,
-    # 2 captions per image as separate pairs, one projection layer of 256.
-    "seed": (ModelConfig(loss="seed", temperature=0.05, learn_temperature=False, embed_dim=256,
-                         head_layers=1, dropout=0.1),
-             TrainConfig(recipe="seed", epochs=30, batch_size=256, lr=1e-3, weight_decay=1e-3,
-                         plateau_factor=0.2, plateau_patience=3, early_stop_patience=5,
-                         captions_per_image=2, pairs="all")),
-    # Ours, chosen from held-out measurements (see README, "Choosing the default recipe").
-    "default": (ModelConfig(loss="clip", temperature=0.07, learn_temperature=True, embed_dim=256,
-                            head_layers=2, dropout=0.1),
-                TrainConfig(recipe="default", epochs=60, batch_size=256, lr=1e-3, weight_decay=0.1,
-                            plateau_factor=0.2, plateau_patience=3, early_stop_patience=6,
-                            captions_per_image=None, pairs="sample")),
-}
-
-
-def recipe(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
-    """A recipe's configs, with ``overrides`` applied to whichever config has that field."""
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
-    mcfg, tcfg = RECIPES[name]
-    mf = {k: v for k, v in overrides.items() if v is not None and hasattr(mcfg, k)}
-    tf = {k: v for k, v in overrides.items() if v is not None and hasattr(tcfg, k)}
-    return replace(mcfg, **mf), replace(tcfg, **tf)
-
 
 # ============================================================================ the run
 @dataclass

@@ -153,3 +153,16 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path, tiny_model, shapes_data):
+    out = tmp_path / "idx"
+    build_index(shapes_data[1] / "images", tiny_model, out, num_workers=0, progress=False)
+    res = subprocess.run(f"{sys.executable} -m dualsearch search {out} 'a red circle' -k 100 | head -1",
+                         shell=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.stdout.startswith("rank") and "error" not in res.stderr, res.stderr
+
+
+def test_a_failed_import_leaves_no_folder(tmp_path, capsys):
+    assert main(["model", "import", f"hf:{tmp_path / 'not-a-model'}", "--out", str(tmp_path / "m")]) == 2
+    assert "cannot load" in capsys.readouterr().err and not (tmp_path / "m").exists()

@@ -202,7 +202,8 @@ def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = ""
         ax.set_title(f"#{rank}  {r.score:.3f}\n{Path(r.path).name}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    height = fig.get_figheight()  # keep the title's band free of the first row's labels, at any row count
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else None)
     out = Path(out)
     try:
         with atomic_path(out) as tmp:  # a one-line StorageError where it cannot be written

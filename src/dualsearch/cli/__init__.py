@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except DualsearchError as e:
         print(f"dualsearch: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dualsearch search ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # the file system said no (permissions, a full disk): not a bug
         print(f"dualsearch: error: {e}", file=sys.stderr)
         return 2

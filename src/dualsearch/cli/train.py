@@ -56,6 +56,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_model_import(args: argparse.Namespace) -> None:
     from ..model.hf_import import import_hf
 
+    check_writable(args.out)
     c = import_hf(args.source, args.out).config
     print(f"imported {args.source} into {args.out}: {c.embed_dim}-d embeddings, {c.loss} loss, "
           f"temperature {c.temperature:.4g}")

@@ -51,9 +51,8 @@ def import_hf(source: str, out: str | os.PathLike) -> DualEncoder:
     """``source``: ``hf:<id or path>`` (or the bare id/path). Returns the saved model."""
     name = source[3:] if source.startswith("hf:") else source
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     hf_dir = out / HF_SUBDIR
-    _copy_hf(name, hf_dir)
+    _copy_hf(name, hf_dir)  # nothing is created before the model loaded (a failed import leaves no folder)
     spec = f"hf:{hf_dir.resolve()}"
     try:
         image_tower, text_tower = build_image_tower(spec), build_text_tower(spec, max_length=1024)

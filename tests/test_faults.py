@@ -297,3 +297,51 @@ def test_spark_shards_keep_names_that_are_not_utf8(tmp_path, tiny_model):
     assert sp.ingest(cat, Part("x", "files", ()), str(tmp_path / "emb"), model.config.embed_dim) == (2, 0)
     assert set(cat.file_stats()) == set(names)
     cat.close()
+
+
+# ----------------------------------------------------------------------------- found by attacking the CLI
+def test_a_fifo_named_like_an_image_never_blocks(tmp_path, tiny_model):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(folder / "real.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    listing = walk_images(folder)
+    assert [Path(p).name for p in listing.files] == ["real.jpg"]
+    assert listing.ignored == {"not a regular file": 1}
+    from dualsearch.data.images import ImageLoadError, load_image
+
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(str(folder / "pipe.jpg"))  # a list file or --image naming a FIFO: refused, not read
+    assert _index(folder, tiny_model, tmp_path / "idx").count == 1
+
+
+def test_grids_of_names_with_control_characters_and_undecodable_bytes(tmp_path, tiny_model, capsys):
+    folder, raw = _photos_with_a_latin1_name(tmp_path)
+    Image.new("RGB", (32, 32), (10, 10, 200)).save(folder / "tab\there.jpg")
+    out = tmp_path / "idx"
+    _index(folder, tiny_model, out)
+    assert main(["-q", "search", str(out), "a square\tin blue", "-k", "3", "--grid", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_outputs_where_a_file_or_folder_is_in_the_way(tmp_path, tiny_model, collection, capsys):  # noqa: F811
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["index", str(collection), "--model", str(tiny_model), "--out", str(blocker)]) == 2
+    assert "a file is in the way" in capsys.readouterr().err
+    out = tmp_path / "idx"
+    _index(collection, tiny_model, out)
+    assert main(["embeddings", "export", str(out), "--out", str(blocker)]) == 2
+    assert "a file is in the way" in capsys.readouterr().err
+    (tmp_path / "grid.png").mkdir()
+    assert main(["search", str(out), "a red circle", "--grid", str(tmp_path / "grid.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a folder is in the way" in err
+
+
+def test_a_damaged_manifest_is_rebuilt_from_the_catalog(tmp_path, tiny_model, collection):  # noqa: F811
+    out = tmp_path / "idx"
+    first = _index(collection, tiny_model, out)
+    (out / "manifest.json").write_text("{ not json")
+    again = _index(collection, tiny_model, out)
+    assert again.count == first.count and json.loads((out / "manifest.json").read_text())["count"] == first.count

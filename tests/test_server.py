@@ -443,3 +443,12 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         assert (tmp_path / "results.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_combined_queries_are_bounded(client):
+    r = client.post("/api/search", json={"q": "a red circle", "add": ["red"] * 33})
+    assert r.status_code == 422
+    r = client.post("/api/search", json={"q": "x" * 1001})
+    assert r.status_code == 422
+    r = client.post("/api/search", json={"q": "a red circle", "add": ["red"] * 32, "k": 3})
+    assert r.status_code == 200 and len(r.json()["results"]) == 3

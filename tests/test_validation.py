@@ -445,3 +445,13 @@ def test_cli_prints_undecodable_file_names_to_an_ascii_pipe(tmp_path):
                          capture_output=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr.decode(errors="replace")
     assert b"caf\\udce9.jpg" in res.stdout
+
+
+@pytest.mark.parametrize("option,value", [("--devices", "abc"), ("--devices", "0"), ("--devices", "-1"),
+                                          ("--devices", "1e400"), ("--embed-dim", "99999999999999999999"),
+                                          ("--batch-size", "99999999999999999999")])
+def test_train_devices_and_sizes_are_bounded(option, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--captions", "c", "--out", "o", f"{option}={value}"])
+    assert e.value.code == 2
+    assert f"error: argument {option}" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .data.images import load_image, load_stored
+from .data.records import display_name
 from .encode.onnx_encoders import load_text_encoder
 from .errors import DualsearchError
 from .index import ann
@@ -199,9 +200,9 @@ def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = ""
             ax.imshow(img)
         except Exception as e:  # a file that changed since indexing: say so in the cell
             ax.text(0.5, 0.5, f"unreadable:\n{e}", ha="center", va="center", fontsize=7, wrap=True)
-        ax.set_title(f"#{rank}  {r.score:.3f}\n{Path(r.path).name}", fontsize=8)
+        ax.set_title(f"#{rank}  {r.score:.3f}\n{display_name(Path(r.path.rsplit('::', 1)[-1]).name)}", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(display_name(title), fontsize=10)
     height = fig.get_figheight()  # keep the title's band free of the first row's labels, at any row count
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else None)
     out = Path(out)

@@ -32,13 +32,16 @@ class CommandParser(argparse.ArgumentParser):
         self.set_defaults(parser_=self)
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail fast, before any model loads: ``path`` (a file or folder to write) must be creatable,
-    i.e. its nearest existing ancestor is a writable folder. Raises :class:`UsageError`."""
+def check_writable(path: str | os.PathLike, folder: bool = True) -> None:
+    """Fail fast, before any model loads: ``path`` (a folder to write, or a file with
+    ``folder=False``) must be creatable, i.e. its nearest existing ancestor is a writable folder,
+    and an existing ``path`` must be a folder (a file). Raises :class:`UsageError`."""
     target = Path(path).absolute()
-    ancestor = target if target.exists() else next((p for p in target.parents if p.exists()), Path("/"))
-    if target.exists() and not target.is_dir() and target.suffix == "":
-        ancestor = target.parent
+    if folder and target.exists() and not target.is_dir():
+        raise UsageError(f"{path}: a file is in the way (this is written as a folder)")
+    if not folder and target.is_dir():
+        raise UsageError(f"{path}: a folder is in the way (this is written as a file)")
+    ancestor = target if target.is_dir() else next((p for p in target.parents if p.exists()), Path("/"))
     if not ancestor.is_dir():
         raise UsageError(f"{path}: cannot write there ({ancestor} is not a folder)")
     if not os.access(ancestor, os.W_OK | os.X_OK):

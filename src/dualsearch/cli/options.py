@@ -62,6 +62,20 @@ port = int_at_least(1, 65535, name="port")
 """A TCP port, 1..65535."""
 seed = int_at_least(0, SEED_MAX, name="seed")
 """A random seed, 0..2**32-1."""
+dimension = int_at_least(1, 65536, name="dimension")
+"""An embedding width, 1..65,536."""
+batch = int_at_least(1, 1 << 20, name="batch")
+"""A batch size, 1..1,048,576."""
+
+
+def devices(text: str) -> str | int:
+    """Lightning's ``devices``: "auto" or a positive count."""
+    if text == "auto":
+        return text
+    try:
+        return int_at_least(1, 4096)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected "auto" or a number of devices >= 1, got {text!r}') from None
 
 
 def finite_float(text: str) -> float:

@@ -45,7 +45,7 @@ def grid_path(text: str) -> str:
     path = Path(text)
     if path.suffix.lower() not in GRID_FORMATS:
         path = path.with_name(path.name + ".png")
-    check_writable(path)
+    check_writable(path, folder=False)
     if not path.parent.is_dir():
         path.parent.mkdir(parents=True)
         print(f"created folder {path.parent}", file=sys.stderr)

@@ -6,9 +6,19 @@ import json
 
 from ..errors import UsageError
 from .common import add_data_source_args, add_runtime_args, cache_root, check_model, check_writable, read_source
-from .options import fraction, int_at_least, non_negative_float, non_negative_int, positive_float, positive_int, seed
+from .options import (
+    devices,
+    dimension,
+    fraction,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
 
-contrastive_batch = int_at_least(2, name="contrastive_batch")  # one positive needs one negative at least
+contrastive_batch = int_at_least(2, 1 << 20, name="contrastive_batch")  # one positive needs one negative at least
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
                    "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed")
@@ -95,13 +105,13 @@ def _train_parser(sub) -> None:
     p.add_argument("--loss", choices=["seed", "clip", "siglip"], help="contrastive loss (default: the recipe's)")
     p.add_argument("--temperature", type=positive_float,
                    help="softmax temperature: fixed (seed) or initial (clip, siglip) (default: the recipe's)")
-    for name, kind in (("embed-dim", positive_int), ("head-layers", non_negative_int), ("epochs", positive_int),
+    for name, kind in (("embed-dim", dimension), ("head-layers", non_negative_int), ("epochs", positive_int),
                        ("batch-size", contrastive_batch), ("lr", positive_float), ("weight-decay", non_negative_float),
                        ("captions-per-image", positive_int), ("seed", seed)):
         p.add_argument(f"--{name}", type=kind, help=f"{name.replace('-', ' ')} (default: the recipe's)")
     p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
-    p.add_argument("--devices", default="auto", help="number of devices (several GPUs use DDP)")
+    p.add_argument("--devices", type=devices, default="auto", help="number of devices (several GPUs use DDP)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_train)
 

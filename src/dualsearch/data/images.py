@@ -13,13 +13,12 @@ import io
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DualsearchError
-from .records import ImageRef
+from .records import ImageRef, read_regular_file
 
 # Pillow's own error threshold (2x MAX_IMAGE_PIXELS); over it an image is skipped.
 DEFAULT_MAX_PIXELS = 178_956_970
@@ -49,7 +48,7 @@ def _open_bytes(src: ImageSource) -> bytes:
         return src
     if isinstance(src, ImageRef):
         return src.read_bytes()
-    return Path(src).read_bytes()
+    return read_regular_file(src)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

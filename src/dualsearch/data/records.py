@@ -1,10 +1,12 @@
 """The records every reader yields: one image with its captions."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,24 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _WS = re.compile(r"\s+")
+
+
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file; a FIFO, socket or device is refused (``OSError``) instead of
+    blocking forever or reading without end."""
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read()
+
+
+_ESCAPES = {i: f"\\x{i:02x}" for i in range(32)} | {127: "\\x7f", 9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def display_name(name: str) -> str:
+    """``name`` safe to show anywhere (terminals, JSON, plots): undecodable file-name bytes (lone
+    surrogates) and control characters are backslash-escaped; everything else is kept."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8").translate(_ESCAPES)
 
 
 def normalize_caption(text: str) -> str:
@@ -50,7 +70,7 @@ class ImageRef:
         if self.data is not None:
             return self.data
         if self.member is None:
-            return Path(self.path).read_bytes()
+            return read_regular_file(self.path)
         with open(self.path, "rb") as f:
             f.seek(self.offset or 0)
             data = f.read(self.size or 0)

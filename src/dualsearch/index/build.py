@@ -282,7 +282,11 @@ def finish(job: IndexJob, report: IndexReport) -> None:
     report.seconds = time.perf_counter() - job.t0
     out, catalog, dim = job.out, job.catalog, job.model.config.embed_dim
     ensure_text_encoder(out, job.model, job.model_hash)
-    manifest = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
+    try:
+        manifest = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
+    except IndexError_ as e:  # the catalog is the source of truth: a damaged manifest is rebuilt
+        log.warning("%s; rebuilding it from the catalog", e)
+        manifest = None
     stale = (manifest is None or manifest.get("generation") != catalog.generation
              or not (out / ANN_FILE).is_file() or (job.kind != "auto" and manifest["ann"]["kind"] != job.kind))
     if not stale:

@@ -17,6 +17,7 @@ import math
 import mimetypes
 import os
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.encoders import jsonable_encoder
@@ -27,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from ..data.images import ImageLoadError, is_uri, load_image, stored_source
-from ..data.records import ImageRef
+from ..data.records import ImageRef, display_name
 from ..search import QueryError, Result, Searcher
 from .ids import parse_id
 from .middleware import BodyLimit, HeadAsGet, InternalErrors
@@ -54,9 +55,11 @@ class SearchResponse(BaseModel):
 
 
 class CombinedQuery(BaseModel):
-    q: str | None = Field(None, description="text query")
-    add: list[str] = Field(default_factory=list, description="texts that pull results toward them")
-    subtract: list[str] = Field(default_factory=list, description="texts that push results away")
+    q: str | None = Field(None, max_length=1000, description="text query")
+    add: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32,
+                                                              description="texts that pull results toward them")
+    subtract: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32,
+                                                                   description="texts that push results away")
     like_id: StrictInt | None = Field(None, description="an indexed image's id (more like this); a JSON integer")
     k: int = Field(9, ge=1)
 
@@ -77,11 +80,6 @@ def hits(results: list[Result]) -> list[Hit]:
     valid UTF-8 (bytes ``caf\\xe9.jpg`` on Linux) is shown escaped (``caf\\udce9.jpg``)."""
     return [Hit(id=r.id, score=round(r.score, 6), name=display_name(Path(r.path.rsplit("::", 1)[-1]).name),
                 thumb=f"/thumb/{r.id}", image=f"/image/{r.id}") for r in results]
-
-
-def display_name(name: str) -> str:
-    """``name`` as UTF-8-safe text: lone surrogates (undecodable file-name bytes) backslash-escaped."""
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Sources:

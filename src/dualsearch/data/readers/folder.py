@@ -124,10 +124,19 @@ def _visit(entry: os.DirEntry, out: Listing, stack: list, links: list) -> None:
         is_dir = False
     if is_dir:
         (links if entry.is_symlink() else stack).append(entry.path)
-    elif is_image_name(entry.name):
+    elif is_image_name(entry.name) and _regular_or_dangling(entry):
         out.files.append(entry.path)  # a dangling link too: the runner records why it cannot be read
+    elif is_image_name(entry.name):
+        out.ignored["not a regular file"] += 1  # a FIFO named x.jpg would block a reader forever
     else:
         out.ignored[os.path.splitext(entry.name)[1].lower() or "no extension"] += 1
+
+
+def _regular_or_dangling(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
+    except OSError:
+        return True  # cannot tell: the runner records why it cannot be read
 
 
 def list_images(root: str | os.PathLike, exclude: Sequence[str] = ()) -> list[Path]:

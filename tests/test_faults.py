@@ -259,14 +259,18 @@ def test_files_are_written_with_the_umask_permissions(tmp_path, collection, tiny
 
 
 # ----------------------------------------------------------------------------- kind 5: the model moved
-def test_the_index_follows_its_model_to_a_new_path(tmp_path, collection, tiny_model, capsys):  # noqa: F811
+def test_the_index_follows_its_model_to_a_new_path(tmp_path, collection, tiny_model, capsys, caplog):  # noqa: F811
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     out = tmp_path / "idx"
     _index(collection, model, out)
     model.rename(tmp_path / "model_new")
-    assert main(["search", str(out), "a red circle"]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert main(["search", str(out), "a red circle", "-k", "2"]) == 0  # the index's own text encoder answers
+    assert "cannot be read" in capsys.readouterr().err + caplog.text  # said once, as a warning
+    picture = str(sorted(collection.glob("*.jpg"))[0])
+    assert main(["search", str(out), "--image", picture]) == 2  # an image query needs the model: one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dualsearch: error: ") and "image queries need the model folder" in err[-1]
     assert main(["-q", "index", str(collection), "--model", str(tmp_path / "model_new"), "--out", str(out),
                  "--workers", "0"]) == 0
     assert "0 embedded" in capsys.readouterr().out

@@ -50,7 +50,7 @@ class Searcher:
     """Text queries go through the index's ONNX text encoder when it has one (no torch import);
     the torch model is loaded on first need (image queries, or an index without the encoder)."""
 
-    def __init__(self, folder: Path, manifest: dict, model_path: Path, index, catalog: Catalog):
+    def __init__(self, folder: Path, manifest: dict, model_path: Path | None, index, catalog: Catalog):
         self.folder = folder
         self.manifest = manifest
         self.model_path = model_path
@@ -64,7 +64,10 @@ class Searcher:
     @classmethod
     def open(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None) -> "Searcher":
         """Open an index; the model comes from its manifest unless ``model`` is given, and must be
-        the one the index was built with (content hash)."""
+        the one the index was built with (content hash). When that model cannot be read (moved,
+        deleted) but the index holds its ONNX text encoder, the index opens for text queries and
+        more-like-this by id (image queries then raise :class:`QueryError`). Raises
+        :class:`IndexError_`, ``CatalogError``, ``ANNError``."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         if manifest is None:
@@ -73,7 +76,12 @@ class Searcher:
         try:
             got = model_content_hash(model_path)
         except OSError as e:
-            raise IndexError_(f"{folder}: its model {model_path} cannot be read ({e.strerror or e})") from e
+            missing = f"{folder}: its model {model_path} cannot be read ({e.strerror or e})"
+            if model or load_text_encoder(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"]) is None:
+                raise IndexError_(missing) from e
+            log.warning("%s; text queries use the index's own text encoder, image queries need the model "
+                        "(--model, or re-index with it at its new place)", missing)
+            got, model_path = manifest["model"]["hash"], None
         if got != manifest["model"]["hash"]:
             raise IndexError_(f"{folder}: built with model hash {manifest['model']['hash']}, but {model_path} "
                               f"has hash {got}; re-index with this model or open the index with its own")
@@ -88,6 +96,11 @@ class Searcher:
         """The torch dual encoder, loaded on first use."""
         if self._model is None:
             from .model.dual_encoder import DualEncoder
+
+            if self.model_path is None:
+                raise QueryError(f"{self.folder}: image queries need the model folder "
+                                 f"{self.manifest['model']['path']}, which cannot be read (pass --model, or "
+                                 f"re-index with the model at its new place); text queries work")
 
             with self.lock:
                 if self._model is None:

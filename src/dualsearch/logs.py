@@ -57,6 +57,7 @@ def format_rate(count: float, seconds: float, unit: str) -> str:
 
 def progress_line(desc: str, count: int, noun: str, seconds: float, unit: str) -> str:
     """The one line a finished step prints: ``indexing: 400 images in 12.3 s (32.5 img/s)``."""
+    noun = noun[:-1] if count == 1 and noun.endswith("s") else noun  # "1 image", "2 images"
     return f"{desc}: {count:,} {noun} in {seconds:.1f} s ({format_rate(count, seconds, unit)})"
 
 

@@ -20,7 +20,8 @@ from .errors import DualsearchError
 
 _REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied", errno.ENOENT: "no such folder", errno.ENOTDIR: "not a folder"}
+            errno.EPERM: "permission denied", errno.ENOENT: "no such file or folder", errno.ENOTDIR: "not a folder",
+            errno.ELOOP: "too many levels of symbolic links"}
 
 
 class StorageError(DualsearchError):
@@ -40,10 +41,15 @@ def umask() -> int:
     return old
 
 
+def os_reason(e: OSError) -> str:
+    """A short reason for an ``OSError`` that keeps "permission denied" apart from "no such file"
+    and a full disk apart from a read-only one."""
+    return _REASONS.get(e.errno, e.strerror or str(e))
+
+
 def storage_error(e: OSError, path: str | os.PathLike) -> StorageError:
     """A one-line :class:`StorageError` for an ``OSError`` met while writing ``path``."""
-    reason = _REASONS.get(e.errno, e.strerror or str(e))
-    return StorageError(f"{reason} while writing {path}")
+    return StorageError(f"{os_reason(e)} while writing {path}")
 
 
 @contextmanager

@@ -50,7 +50,7 @@ def check_writable(path: str | os.PathLike, folder: bool = True) -> None:
 
 def check_readable(path: str | os.PathLike, what: str = "file") -> None:
     """Fail fast: ``path`` exists (else "no such file or folder" / "permission denied")."""
-    from ..data.readers.folder import os_reason
+    from ..storage import os_reason
 
     try:
         os.stat(path)

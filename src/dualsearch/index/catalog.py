@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..data.records import display_name
 from ..errors import DualsearchError
 
 SCHEMA_VERSION = 1
@@ -66,10 +67,6 @@ def to_db(text: str) -> str | bytes:
 def from_db(value: str | bytes | None) -> str | None:
     """The inverse of :func:`to_db`."""
     return os.fsdecode(value) if isinstance(value, bytes) else value
-
-
-def _printable(reason: str) -> str:
-    return reason.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _explain(e: sqlite3.DatabaseError, path: Path) -> str:
@@ -225,7 +222,7 @@ class Catalog:
                 rows.append((to_db(f.path), f.size, f.mtime_ns, "indexed", None, vid,
                              np.asarray(f.vector, np.float32).tobytes()))
                 vid += 1
-            rows += [(to_db(f.path), f.size, f.mtime_ns, "skipped", _printable(f.reason), None, None)
+            rows += [(to_db(f.path), f.size, f.mtime_ns, "skipped", display_name(f.reason), None, None)
                      for f in map(SkippedFile._make, skipped)]
             self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.set_meta("next_vector_id", str(vid))

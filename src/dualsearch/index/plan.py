@@ -24,9 +24,10 @@ from urllib.parse import unquote, urlparse
 
 from ..data.images import is_uri
 from ..data.readers import DataError
-from ..data.readers.folder import Listing, os_reason, walk_images
+from ..data.readers.folder import Listing, walk_images
 from ..data.readers.webdataset import expand_shards
 from ..errors import UsageError
+from ..storage import os_reason
 from .catalog import Catalog
 
 SHARD_PREFIX = "part-"

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..data.images import ImageLoadError, fetch_uri, is_uri, load_image
 from ..data.readers.webdataset import scan_shard
-from ..data.records import ImageRef, SkipLog
+from ..data.records import ImageRef, SkipLog, display_name
 from ..encode.runtime import ort_session
 from ..errors import DualsearchError
 from .catalog import IndexedFile, SkippedFile
@@ -145,8 +145,7 @@ def embed_part(part_kind: str, items: list, encoder, preprocess, batch_size: int
         "size": pa.array([r[1] for r in rows], pa.int64()),
         "mtime_ns": pa.array([r[2] for r in rows], pa.int64()),
         "status": pa.array([r[3] for r in rows], pa.string()),
-        "reason": pa.array([None if r[4] is None else r[4].encode("utf-8", "backslashreplace").decode()
-                            for r in rows], pa.string()),
+        "reason": pa.array([None if r[4] is None else display_name(r[4]) for r in rows], pa.string()),
         "embedding": emb,
     })
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
+from ...storage import os_reason
 from .base import CaptionDataset, DataError, Format
 from .coco import COCO, read_coco
-from .folder import FOLDER, list_images, os_reason, read_folder
+from .folder import FOLDER, list_images, read_folder
 from .hf import HF, read_hf
 from .table import CSV, IMAGEFOLDER, JSONL, TSV, read_imagefolder, read_table
 from .tfrecord import TFRECORD, read_tfrecords

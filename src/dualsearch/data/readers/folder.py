@@ -9,7 +9,6 @@ the walk is iterative, so no tree is too deep for it.
 """
 from __future__ import annotations
 
-import errno
 import fnmatch
 import functools
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ...storage import os_reason
 from ..records import ImageRef, SkipLog
 from .base import CaptionDataset, DataError, Format, finish
 
@@ -43,13 +43,6 @@ def image_extensions() -> frozenset[str]:
 def is_image_name(name: str) -> bool:
     """Whether a file name has an extension :func:`image_extensions` lists (any case)."""
     return os.path.splitext(name)[1].lower() in image_extensions()
-
-
-def os_reason(e: OSError) -> str:
-    """A short reason for an ``OSError`` that keeps "permission denied" apart from "no such file"."""
-    return {errno.ENOENT: "no such file or folder", errno.EACCES: "permission denied",
-            errno.EPERM: "permission denied", errno.ENOTDIR: "not a folder",
-            errno.ELOOP: "too many levels of symbolic links"}.get(e.errno, e.strerror or str(e))
 
 
 @dataclass

@@ -34,10 +34,14 @@ def test_every_extension_pillow_opens_is_indexed_and_the_rest_counted(tmp_path, 
     src.save(folder / "c.Jpeg", "JPEG")
     if features.check("avif"):
         src.save(folder / "d.avif", "AVIF")
+    from dualsearch.data.images import register_plugins
+
+    assert register_plugins()  # pillow-heif (the formats extra) is installed with the dev extras
+    src.save(folder / "e.HEIC", "HEIF")  # a phone's photo
     for name in ("x.svg", "y.svg", "notes.txt", "README"):
         (folder / name).write_text("not an image")
-    assert {".jfif", ".jpe", ".avif"} <= image_extensions()
-    want = 4 if features.check("avif") else 3
+    assert {".jfif", ".jpe", ".avif", ".heic", ".heif"} <= image_extensions()
+    want = 5 if features.check("avif") else 4
     assert main(["-q", "index", str(folder), "--model", str(tiny_model), "--out", str(tmp_path / "i"),
                  "--workers", "0"]) == 0
     out = capsys.readouterr().out
@@ -349,3 +353,12 @@ def test_a_damaged_manifest_is_rebuilt_from_the_catalog(tmp_path, tiny_model, co
     (out / "manifest.json").write_text("{ not json")
     again = _index(collection, tiny_model, out)
     assert again.count == first.count and json.loads((out / "manifest.json").read_text())["count"] == first.count
+
+
+def test_heif_without_its_plugin_is_a_skip_that_names_the_extra(tmp_path, monkeypatch):
+    import dualsearch.data.images as images
+
+    monkeypatch.setattr(images, "register_plugins", lambda: False)  # as on an install without the extra
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    with pytest.raises(images.ImageLoadError, match=r"needs the formats extra: pip install 'dualsearch\[formats\]'"):
+        images.load_image(str(tmp_path / "IMG_0001.HEIC"))

@@ -75,6 +75,27 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
+HEIF_EXTENSIONS = (".heic", ".heif", ".hif")  # phones' default photo format
+
+
+@functools.lru_cache(maxsize=1)
+def register_plugins() -> bool:
+    """Teach Pillow the formats the optional ``formats`` extra brings (HEIF/HEIC through
+    pillow-heif). -> whether the HEIF plugin is there. Called before anything lists or decodes."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _unreadable_reason(name: str) -> str:
+    if name.lower().endswith(HEIF_EXTENSIONS) and not register_plugins():
+        return "HEIF/HEIC needs the formats extra: pip install 'dualsearch[formats]' (pillow-heif)"
+    return "not an image, or a format Pillow cannot read"
+
+
 def load_image(src: ImageSource, target_size: int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode ``src`` to an RGB image.
@@ -84,6 +105,7 @@ def load_image(src: ImageSource, target_size: int | None = None,
     refused before their pixels are decoded.
     """
     name = _source_name(src)
+    register_plugins()
     try:
         data = _open_bytes(src)
     except OSError as e:
@@ -110,7 +132,7 @@ def load_image(src: ImageSource, target_size: int | None = None,
     except Image.DecompressionBombError as e:
         raise ImageLoadError(name, f"too many pixels ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageLoadError(name, "not an image, or a format Pillow cannot read") from e
+        raise ImageLoadError(name, _unreadable_reason(name)) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or e.__class__.__name__
         if "truncated" in msg.lower():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...storage import os_reason
+from ..images import HEIF_EXTENSIONS, register_plugins
 from ..records import ImageRef, SkipLog
 from .base import CaptionDataset, DataError, Format, finish
 
@@ -31,13 +32,16 @@ def image_extensions() -> frozenset[str]:
     """Lower-case extensions (".jpg", ".avif", ...) of every format this Pillow opens and decodes."""
     from PIL import Image, ImageFile
 
+    register_plugins()
     Image.init()
     def stub(factory) -> bool:
         return isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
 
     decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _NOT_DECODED and not stub(factory)}
     exts = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
-    return frozenset(exts | {".mpo"})  # multi-picture JPEGs open through the JPEG plugin
+    # multi-picture JPEGs open through the JPEG plugin; HEIF is listed even without its plugin, so that
+    # phone photos are skipped with a reason naming the extra instead of vanishing
+    return frozenset(exts | {".mpo", *HEIF_EXTENSIONS})
 
 
 def is_image_name(name: str) -> bool:

@@ -10,6 +10,8 @@ import logging
 import time
 from pathlib import Path
 
+from .storage import write_text
+
 log = logging.getLogger(__name__)
 
 QUERIES = (
@@ -40,8 +42,8 @@ def _evaluate(out: Path, model, records, cache: Path, step) -> None:
     step("evaluating on held-out images")
     emb = embed_records(model, records, cache, show_progress=False)
     metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=100)
-    (out / "eval.txt").write_text(metrics.table() + "\n")
-    (out / "eval.json").write_text(json.dumps(metrics.as_dict(), indent=2))
+    write_text(out / "eval.txt", metrics.table() + "\n")
+    write_text(out / "eval.json", json.dumps(metrics.as_dict(), indent=2))
     print(metrics.table())
 
 
@@ -62,7 +64,7 @@ def _index_and_query(out: Path, model_dir: Path, step) -> None:
             step(lines[-1])
     finally:
         searcher.close()
-    (out / "queries.txt").write_text("\n".join(lines) + "\n")
+    write_text(out / "queries.txt", "\n".join(lines) + "\n")
 
 
 def run_demo(out: str | Path = "demo-out", images: int = 1200, epochs: int | None = None,

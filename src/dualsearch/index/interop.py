@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage import write_text
+from ..storage import atomic_path, write_text
 from .catalog import Catalog
 from .manifest import IndexError_, read_manifest
 
@@ -126,9 +126,9 @@ def write_embeddings(index_dir: str | os.PathLike, out: str | os.PathLike) -> in
     finally:
         cat.close()
     out = Path(out)
-    (out / "img_emb").mkdir(parents=True, exist_ok=True)
-    (out / "metadata").mkdir(parents=True, exist_ok=True)
-    np.save(out / "img_emb" / "img_emb_0.npy", vecs.astype(np.float32))
-    pq.write_table(pa.table({"image_path": [paths[int(i)] for i in ids]}), out / "metadata" / "metadata_0.parquet")
+    with atomic_path(out / "img_emb" / "img_emb_0.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, vecs.astype(np.float32))
+    with atomic_path(out / "metadata" / "metadata_0.parquet") as tmp:
+        pq.write_table(pa.table({"image_path": [paths[int(i)] for i in ids]}), tmp)
     write_text(out / "model.json", json.dumps(manifest["model"], indent=2))
     return len(ids)

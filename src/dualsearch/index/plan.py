@@ -13,7 +13,6 @@ The local runner (:mod:`.local`) embeds ``Plan.todo`` in one process; the Spark 
 """
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -24,7 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from ..data.images import is_uri
 from ..data.readers import DataError
-from ..data.readers.folder import Listing, walk_images
+from ..data.readers.folder import Listing, excluded, walk_images
 from ..data.readers.webdataset import expand_shards
 from ..errors import UsageError
 from ..storage import os_reason
@@ -62,8 +61,8 @@ def stat_entry(path: str) -> Entry:
     return Entry(path, st.st_size, st.st_mtime_ns)
 
 
-def _excluded(path: str, exclude: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(os.path.basename(path), pat) for pat in exclude)
+def _shards(src: str, exclude: Sequence[str]) -> list[str]:
+    return [os.path.abspath(t) for t in expand_shards(src) if not excluded(t, exclude)]
 
 
 def list_folder(src: str, exclude: Sequence[str] = ()) -> Inputs:
@@ -73,7 +72,7 @@ def list_folder(src: str, exclude: Sequence[str] = ()) -> Inputs:
 
 
 def _list_shards(src: str, exclude: Sequence[str]) -> Inputs:
-    tars = [os.path.abspath(t) for t in expand_shards(src) if not _excluded(t, exclude)]
+    tars = _shards(src, exclude)
     missing = [t for t in tars if not os.path.isfile(t)]
     if not tars or missing:
         raise DataError(f"{src}: no such WebDataset shard{': ' + missing[0] if missing else 's'}")
@@ -97,7 +96,7 @@ def _list_file(src: str, exclude: Sequence[str]) -> Inputs:
             item = unquote(urlparse(item).path)
         if not is_uri(item):
             item = os.path.normpath(os.path.join(base, item))  # relative to the list file
-        if item in seen or _excluded(item, exclude):
+        if item in seen or excluded(item, exclude):
             continue
         seen.add(item)
         files.append(Entry(item, 0, 0) if is_uri(item) else stat_entry(item))
@@ -114,7 +113,7 @@ def list_inputs(src: str, exclude: Sequence[str] = ()) -> Inputs:
         inputs = list_folder(src, exclude)
         if inputs.files:
             return inputs
-        tars = [os.path.abspath(t) for t in expand_shards(src) if not _excluded(t, exclude)]
+        tars = _shards(src, exclude)
         if not tars:
             raise DataError(f"{src}: no images and no .tar shards in this folder")
         return Inputs([], [stat_entry(t) for t in tars])

@@ -10,6 +10,7 @@ The run writes a model folder: config.json, model.safetensors, loss_history.csv,
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from ..data.readers import DataError
 from ..data.records import ImageCaption
 from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
+from ..storage import atomic_path, write_text
 from .module import DualEncoderModule, EpochProgress, History, TrainingError
 from .pairs import MIN_TRAIN_IMAGES, build_loaders
 from .recipes import RECIPES, recipe  # noqa: F401 (the run's recipes, importable from here too)
@@ -226,10 +228,11 @@ def write_history(history: list[dict], folder: Path) -> None:
     """loss_history.csv and loss.png (train and validation loss per epoch, as the reference plots)."""
     if not history:
         return
-    with open(folder / "loss_history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    write_text(folder / "loss_history.csv", text.getvalue())
     import matplotlib
     import matplotlib.ticker
 
@@ -248,5 +251,8 @@ def write_history(history: list[dict], folder: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(folder / "loss.png")
-    plt.close(fig)
+    try:
+        with atomic_path(folder / "loss.png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

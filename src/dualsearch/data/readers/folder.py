@@ -81,8 +81,10 @@ def _check_root(root: str) -> None:
         raise DataError(f"{root}: not a folder")
 
 
-def _excluded(rel: str, name: str, exclude: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in exclude)
+def excluded(path: str, exclude: Sequence[str]) -> bool:
+    """Whether ``path`` (relative to a walk's root, or as listed) or its file name matches a glob
+    of ``--exclude``."""
+    return any(fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(os.path.basename(path), pat) for pat in exclude)
 
 
 def walk_images(root: str | os.PathLike, exclude: Sequence[str] = ()) -> Listing:
@@ -108,7 +110,7 @@ def walk_images(root: str | os.PathLike, exclude: Sequence[str] = ()) -> Listing
         seen.add((st.st_dev, st.st_ino))
         for entry in entries:
             rel = os.path.relpath(entry.path, root).replace(os.sep, "/")
-            if not entry.name.startswith(".") and not _excluded(rel, entry.name, exclude):
+            if not entry.name.startswith(".") and not excluded(rel, exclude):
                 _visit(entry, out, stack, links)
     out.files.sort()
     return out

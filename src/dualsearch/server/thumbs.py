@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from ..data.images import fetch_uri, is_uri, load_image
 from ..data.records import ImageRef
+from ..storage import StorageError, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +26,10 @@ def thumbnail_bytes(src: str | ImageRef, size: int = THUMB_SIZE) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(out: Path, data: bytes) -> None:
-    """Write ``data`` to ``out`` through a temp file unique to this write in the same folder, renamed
-    into place; the temp file is removed if anything fails. Raises OSError when it cannot be written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def make_thumbnail(src: str | ImageRef, out: Path, size: int = THUMB_SIZE) -> bytes:
     """A JPEG thumbnail written to ``out`` (atomically); returns its bytes."""
     data = thumbnail_bytes(src, size)
-    write_atomic(out, data)
+    write_bytes(out, data)
     return data
 
 
@@ -66,10 +49,9 @@ class Thumbnails:
             return out.read_bytes()
         data = thumbnail_bytes(src, self.size)
         try:
-            write_atomic(out, data)
-        except OSError as e:
+            write_bytes(out, data)  # atomic, unique temp name: concurrent requests for one id are fine
+        except StorageError as e:
             if not self.warned:
                 self.warned = True
-                log.warning("thumbnail cache %s cannot be written (%s); making thumbnails in memory",
-                            out.parent, e.strerror or e)
+                log.warning("thumbnail cache cannot be written (%s); making thumbnails in memory", e)
         return data

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +24,9 @@ from .data.records import display_name
 from .encode.onnx_encoders import load_text_encoder
 from .errors import DualsearchError
 from .index import ann
-from .index.catalog import Catalog
+from .index.catalog import Catalog, PhotoFilter
 from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, read_manifest
+from .index.photos import load_calibration, query_z
 from .model.folder import model_content_hash
 from .storage import atomic_path
 
@@ -38,28 +39,69 @@ class QueryError(DualsearchError):
 
 @dataclass
 class Result:
+    """One hit. ``score``: inner product of unit vectors (cosine); ``z``: how far it stands above
+    its query's score distribution over the gallery (:mod:`dualsearch.index.photos`); ``weak``:
+    below the index's calibrated floor (None when the index has no calibration); ``duplicates``:
+    how many near-identical images it stands for (``collapse``); ``meta``: the photo's catalog
+    metadata (``taken``, ``date_source``, ``width``, ``height``, ``format``, ``camera_make``,
+    ``camera_model``, ``lat``, ``lon``), empty for an index that predates it."""
+
     path: str
     score: float
     id: int
+    weak: bool | None = None
+    z: float | None = None
+    duplicates: int = 1
+    meta: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
+@dataclass
+class Page:
+    """One page of results: ``results`` (best first, or newest first when sorted by date),
+    ``total`` (how many results one can page through with ``offset``), ``offset``."""
+
+    results: list[Result]
+    total: int
+    offset: int = 0
+
+
+SORTS = ("score", "date")
+PAGE_WINDOW = 1000  # results are ranked in windows of this many, so pages inside one are stable
+DATE_CANDIDATES = 1000  # sort=date orders the best this-many matches above the floor by date
+
+
 class Searcher:
     """Text queries go through the index's ONNX text encoder when it has one (no torch import);
-    the torch model is loaded on first need (image queries, or an index without the encoder)."""
+    the torch model is loaded on first need (image queries, or an index without the encoder).
+    Queries run concurrently: each thread reads the catalog through its own read-only SQLite
+    connection, ONNX Runtime and FAISS searches release the GIL; only the lazy model load locks."""
 
     def __init__(self, folder: Path, manifest: dict, model_path: Path | None, index, catalog: Catalog):
         self.folder = folder
         self.manifest = manifest
         self.model_path = model_path
         self.index = index
-        self.catalog = catalog
         self.dim = int(manifest["dim"])
-        self.lock = threading.RLock()  # one query at a time: SQLite connection, models
+        self.lock = threading.RLock()  # the lazy model load, and the list of connections
         self._model = None
+        self._local = threading.local()
+        self._local.catalog = catalog
+        self._catalogs = [catalog]
         self.text_encoder = load_text_encoder(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"])
+        self.calibration = load_calibration(folder, manifest)
+
+    @property
+    def catalog(self) -> Catalog:
+        """This thread's read-only catalog connection (opened on first use in a thread)."""
+        cat = getattr(self._local, "catalog", None)
+        if cat is None:
+            cat = self._local.catalog = Catalog(self.folder, readonly=True)
+            with self.lock:
+                self._catalogs.append(cat)
+        return cat
 
     @classmethod
     def open(cls, folder: str | os.PathLike, model: str | os.PathLike | None = None) -> "Searcher":
@@ -148,48 +190,119 @@ class Searcher:
         return q / norm
 
     # ------------------------------------------------------------------ search
-    def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = ()) -> list[Result]:
-        """The ``k`` nearest indexed images to the unit query vector ``q [D]``, best first, leaving out
-        the ids in ``exclude``. ``k`` below 1 counts as 1; above the index size it is clamped to it
-        (plus the exclusions), so a huge ``k`` costs no more than the whole index: at most
-        ``len(self)`` results, none from an empty index. Raises :class:`QueryError` when ``k`` is
-        not a whole number."""
-        try:
-            k = max(1, int(k))
-        except (TypeError, ValueError, OverflowError):  # None, "ten", NaN, inf
-            raise QueryError(f"k must be a whole number, got {k!r}") from None
-        fetch = min(k + len(exclude), len(self))
-        if fetch <= 0:
-            return []
-        scores, ids = self.index.search(q.reshape(1, -1).astype(np.float32), fetch)
+    def _vectors(self, ids: np.ndarray) -> np.ndarray:
+        return self.catalog.vectors_for(ids, self.dim)
+
+    def _ranked(self, q: np.ndarray, fetch: int, allowed: np.ndarray | None, skip: set) -> list[Result]:
+        scores, ids = ann.search(self.index, q.reshape(1, -1), fetch + len(skip), allowed, vectors=self._vectors)
         paths = self.catalog.paths_for(ids[0])
-        skip = set(exclude)
         out = [Result(paths[i], float(s), int(i)) for s, i in zip(scores[0], ids[0])
                if i >= 0 and i in paths and i not in skip]
-        return out[:k]
+        self._mark_weak(q, out)
+        return out
 
-    def search(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
-               add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None) -> list[Result]:
-        """Text and/or image query, plus extra positive (``add``) and negative (``subtract``) texts,
-        and/or an indexed image's id (more like this). At most ``min(k, len(self))`` results, best
-        first (see :meth:`search_vector`). Safe to call from several threads. Raises
+    def _mark_weak(self, q: np.ndarray, results: list[Result]) -> None:
+        if self.calibration is None or not results:
+            return
+        mean, cov, floor = self.calibration
+        z = query_z(q.reshape(1, -1), np.array([[r.score for r in results]]), mean, cov)[0]
+        for r, zi in zip(results, z):
+            r.z, r.weak = round(float(zi), 3), bool(zi < floor)
+
+    def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = (), where: PhotoFilter | None = None,
+                      offset: int = 0, sort: str = "score") -> Page:
+        """A page of the indexed images nearest to the unit query vector ``q [D]`` among those
+        that pass ``where``, leaving out the ids in ``exclude``: ``k`` results from ``offset``.
+        ``sort="score"``: best first, ``total`` every image that passes; ``sort="date"``: the best
+        :data:`DATE_CANDIDATES` matches that are not weak, newest first. ``k`` below 1 counts as 1;
+        pages inside a window of :data:`PAGE_WINDOW` results are stable. Raises
+        :class:`QueryError` for a ``k``/``offset`` that is not a whole number or an unknown sort,
+        ``CatalogError`` for a filter on an index without metadata."""
+        k, offset = _whole(k, "k", 1), _whole(offset, "offset", 0)
+        if sort not in SORTS:
+            raise QueryError(f"sort must be one of {', '.join(SORTS)}, got {sort!r}")
+        allowed = self.catalog.filter_ids(where) if where else None
+        skip = {int(i) for i in exclude}
+        passing = (len(allowed) if allowed is not None else len(self)) - len(skip)
+        if passing <= 0:
+            return Page([], 0, offset)
+        if sort == "date":
+            ranked = self._ranked(q, min(DATE_CANDIDATES, passing), allowed, skip)
+            ranked = self._by_date([r for r in ranked if not r.weak])
+            total = len(ranked)
+        else:
+            fetch = min(passing, -(-(offset + k) // PAGE_WINDOW) * PAGE_WINDOW)
+            ranked, total = self._ranked(q, fetch, allowed, skip), passing
+        page = ranked[offset:offset + k]
+        self._attach_metadata(page)
+        return Page(page, total, offset)
+
+    def _by_date(self, results: list[Result]) -> list[Result]:
+        dates = self.catalog.dates_for([r.id for r in results])
+        return sorted(results, key=lambda r: (dates.get(r.id) or "", r.score, -r.id), reverse=True)
+
+    def _attach_metadata(self, results: list[Result]) -> None:
+        meta = self.catalog.metadata_for([r.id for r in results])
+        for r in results:
+            m = dict(meta.get(r.id, {}))
+            m.pop("path", None)
+            r.meta = m
+
+    def browse(self, where: PhotoFilter | None = None, k: int = 24, offset: int = 0) -> Page:
+        """No query: the images that pass ``where``, newest first (a timeline)."""
+        k, offset = _whole(k, "k", 1), _whole(offset, "offset", 0)
+        ids, total = self.catalog.ids_by_date(where or PhotoFilter(), offset, k)
+        paths = self.catalog.paths_for(ids)
+        page = [Result(paths[i], 0.0, int(i)) for i in ids if i in paths]
+        self._attach_metadata(page)
+        return Page(page, total, offset)
+
+    def search_page(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
+                    add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None,
+                    where: PhotoFilter | None = None, offset: int = 0, sort: str = "score") -> Page:
+        """Text and/or image query, plus extra positive (``add``) and negative (``subtract``)
+        texts, and/or an indexed image's id (more like this), among the images that pass
+        ``where``: one page (see :meth:`search_vector`). With no query at all and
+        ``sort="date"``: :meth:`browse`. Safe to call from several threads at once. Raises
         :class:`QueryError` for an empty or self-cancelling query."""
-        with self.lock:
-            return self._search(text, k, image, image_weight, add, subtract, like_id)
-
-    def path_for(self, vector_id: int) -> str | None:
-        with self.lock:
-            return self.catalog.path_for(vector_id)
-
-    def _search(self, text, k, image, image_weight, add, subtract, like_id) -> list[Result]:
+        if not (text or image is not None or add or subtract or like_id is not None) and sort == "date":
+            return self.browse(where, k, offset)
         texts = ([(text, 1.0)] if text else []) + [(t, 1.0) for t in add] + [(t, -1.0) for t in subtract]
         images = [(image, image_weight)] if image is not None else []
         vectors = [(self.id_vector(like_id), 1.0)] if like_id is not None else []
         q = self.combine(texts, images, vectors)
-        return self.search_vector(q, k, exclude=[like_id] if like_id is not None else [])
+        return self.search_vector(q, k, [like_id] if like_id is not None else [], where, offset, sort)
+
+    def search(self, text: str | None = None, k: int = 9, **kwargs) -> list[Result]:
+        """:meth:`search_page`'s results (the first ``k`` unless ``offset`` is given)."""
+        return self.search_page(text, k, **kwargs).results
+
+    def path_for(self, vector_id: int) -> str | None:
+        return self.catalog.path_for(vector_id)
+
+    def info(self) -> dict:
+        """What the index holds: counts, date range, folders, cameras, formats, the model, and
+        example queries (the model's own or the bank's best matches; see ``index.photos``)."""
+        return {**self.catalog.library_summary(), "model": Path(self.manifest["model"]["path"]).name,
+                "ann": self.manifest["ann"]["kind"], "examples": self.manifest.get("examples", []),
+                "weak_floor": self.calibration is not None}
 
     def close(self) -> None:
-        self.catalog.close()
+        with self.lock:
+            for cat in self._catalogs:
+                try:
+                    cat.close()
+                except Exception:  # a connection owned by a thread that is gone
+                    pass
+            self._catalogs.clear()
+
+
+def _whole(value, name: str, least: int) -> int:
+    """``value`` as a whole number, at least ``least``; raises :class:`QueryError`."""
+    try:
+        return max(least, int(value))
+    except (TypeError, ValueError, OverflowError):  # None, "ten", NaN, inf
+        raise QueryError(f"{name} must be a whole number, got {value!r}") from None
 
 
 def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = "", cols: int = 3,

@@ -20,6 +20,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     spark_only = [f"--{k.replace('_', '-')}" for k in SPARK_ONLY if getattr(args, k) is not None]
     if spark_only and args.engine != "spark":
         raise UsageError(f"{spark_only[0]} goes with --engine spark")
+    if args.watch and args.engine == "spark":
+        raise UsageError("--watch runs the local engine (a cluster run is started by its scheduler)")
     common = {"allow_mass_delete": args.allow_mass_delete, "kind": args.ann, "exclude": args.exclude or (),
               "batch_size": args.batch_size,
               "max_pixels": args.max_pixels, "memory_budget": args.memory_budget * 1e9}
@@ -28,17 +30,37 @@ def cmd_index(args: argparse.Namespace) -> None:
 
         report = build_index_spark(args.images_dir, args.model, args.out, shard_size=args.shard_size,
                                    master=args.spark_master, embeddings=args.embeddings, **common)
-    else:
-        from ..index.build import build_index
+        return print_report(report, args.out)
+    from ..index.build import build_index
 
-        report = build_index(args.images_dir, args.model, args.out, num_workers=args.workers,
-                             commit_every=args.commit_every, engine=args.engine, **common)
+    def run():
+        return build_index(args.images_dir, args.model, args.out, num_workers=args.workers,
+                           commit_every=args.commit_every, engine=args.engine, progress=not args.watch, **common)
+
+    print_report(run(), args.out)
+    if args.watch:
+        from ..index.watch import watch
+
+        print(f"watching {args.images_dir} (Ctrl-C stops; runs {args.debounce:g} s after the last change)", flush=True)
+        watch(args.images_dir, run, debounce=args.debounce, ignore=args.out,
+              on_result=lambda report: print_report(report, args.out))
+
+
+def print_report(report, out: str) -> None:
     print(report.summary())
     for path, reason in report.skipped[:10]:
         print(f"  skipped {path}: {reason}")
     if len(report.skipped) > 10:
         print(f"  ... and {len(report.skipped) - 10} more (see the catalog)")
-    print(f"index written to {args.out}")
+    print(f"index written to {out}", flush=True)
+
+
+def cmd_relocate(args: argparse.Namespace) -> None:
+    from ..index.build import relocate
+
+    check_writable(args.index)
+    moved = relocate(args.index, args.old, args.new)
+    print(f"{moved} paths now under {args.new}; no image was re-embedded")
 
 
 def cmd_index_from_embeddings(args: argparse.Namespace) -> None:
@@ -103,7 +125,17 @@ def _index_parser(sub) -> None:
     p.add_argument("--allow-mass-delete", action="store_true",
                    help="let this run drop more than half of the index (files really deleted; by default such a "
                         "run stops, since an unmounted share looks like an empty folder)")
+    p.add_argument("--watch", action="store_true",
+                   help="after this run, keep the index up to date as files are added, changed or deleted")
+    p.add_argument("--debounce", type=positive_float, default=2.0, metavar="SECONDS",
+                   help="with --watch: run once the folder has been quiet this long")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("relocate", help="the photos moved: make the index follow them without re-embedding")
+    p.add_argument("index", help="index folder")
+    p.add_argument("old", help="the folder the photos were indexed in")
+    p.add_argument("new", help="the folder they are in now")
+    p.set_defaults(func=cmd_relocate)
 
 
 def register(sub) -> None:

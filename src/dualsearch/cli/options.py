@@ -105,3 +105,14 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
+
+
+def iso_date(text: str) -> str:
+    """An ISO 8601 date (``2024-05-01``) or date-time (``2024-05-01T18:30:00``), returned as given."""
+    from datetime import date, datetime
+
+    try:
+        (date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS): {text}") from None
+    return text

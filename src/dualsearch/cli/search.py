@@ -8,32 +8,77 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .common import check_readable, check_writable, open_searcher
-from .options import finite_float, port, positive_int
+from .options import finite_float, iso_date, non_negative_int, port, positive_int
+
+SORTS = ("score", "date")  # dualsearch.search.SORTS (kept light: the parser must not import faiss)
+
+
+def photo_filter(args: argparse.Namespace):
+    """The search filter the command line asks for (None for none)."""
+    from ..index.catalog import PhotoFilter
+
+    where = PhotoFilter(folders=tuple(args.folder or ()), globs=tuple(args.glob or ()), after=args.after,
+                        before=args.before, cameras=tuple(args.camera or ()), formats=tuple(args.format or ()),
+                        min_width=args.min_width, min_height=args.min_height)
+    return where or None
 
 
 def cmd_search(args: argparse.Namespace) -> None:
     from ..search import save_grid
 
-    if not args.query and not args.image and not args.add:
-        raise UsageError("give a text query, --image PATH, or both")
+    if not args.query and not args.image and not args.add and args.sort != "date":
+        raise UsageError("give a text query, --image PATH, or both (or --sort date alone: newest first)")
     if args.image:
         check_readable(args.image)
     grid = grid_path(args.grid) if args.grid else None
     searcher = open_searcher(args.index, args.model)
     try:
-        results = searcher.search(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
-                                  add=args.add or (), subtract=args.subtract or ())
+        page = searcher.search_page(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
+                                    add=args.add or (), subtract=args.subtract or (), where=photo_filter(args),
+                                    offset=args.offset, sort=args.sort)
     finally:
         searcher.close()
-    if args.json:
-        print(json.dumps([{"path": r.path, "score": round(r.score, 6)} for r in results]))
-    else:
-        print(f"{'rank':>4}  {'score':>7}  path")
-        for i, r in enumerate(results, 1):
-            print(f"{i:>4}  {r.score:7.4f}  {r.path}")
+    print_results(page, args)
     if grid:
-        save_grid(results, grid, title=args.query or "")
-        print(f"grid written to {grid}", file=sys.stderr if args.json else sys.stdout)
+        save_grid(page.results, grid, title=args.query or "")
+        print(f"grid written to {grid}", file=sys.stderr if args.json or args.paths else sys.stdout)
+
+
+def print_results(page, args: argparse.Namespace) -> None:
+    """``--paths``: one path per line; ``--json``: a list of hits; else a table, weak matches
+    marked, and which slice of how many results it is."""
+    results = page.results
+    if args.paths:
+        for r in results:
+            print(r.path)
+    elif args.json:
+        print(json.dumps([{"path": r.path, "score": round(r.score, 6), "id": r.id, "weak": r.weak, "z": r.z,
+                           **r.meta} for r in results]))
+    else:
+        print(f"{'rank':>4}  {'score':>7}  {'match':<5}  {'taken':<10}  path")
+        for i, r in enumerate(results, page.offset + 1):
+            match = "weak" if r.weak else ("" if r.weak is None else "good")
+            taken = (r.meta.get("taken") or "")[:10]
+            print(f"{i:>4}  {r.score:7.4f}  {match:<5}  {taken:<10}  {r.path}")
+        shown = f"{page.offset + 1}-{page.offset + len(results)}" if results else "none"
+        print(f"results {shown} of {page.total}" + ("; 'weak': no better than the best match of an unrelated "
+                                                    "query on this index" if any(r.weak for r in results) else ""),
+              file=sys.stderr)
+
+
+def add_filter_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (combined with the query; results are the top k among the images that pass)")
+    g.add_argument("--in", dest="folder", action="append", metavar="FOLDER",
+                   help="only images below this folder of the indexed root (repeatable: any of them)")
+    g.add_argument("--glob", action="append", metavar="PATTERN",
+                   help="only paths matching this shell pattern (a name like '*.png', or a path with '/' relative "
+                        "to the root; repeatable)")
+    g.add_argument("--after", type=iso_date, metavar="DATE", help="taken on or after this date (YYYY-MM-DD)")
+    g.add_argument("--before", type=iso_date, metavar="DATE", help="taken before this date (YYYY-MM-DD)")
+    g.add_argument("--camera", action="append", metavar="TEXT", help="camera make or model contains TEXT (repeatable)")
+    g.add_argument("--format", action="append", metavar="FMT", help="image format: jpeg, png, heic, ... (repeatable)")
+    g.add_argument("--min-width", type=positive_int, metavar="PX", help="at least this many pixels wide")
+    g.add_argument("--min-height", type=positive_int, metavar="PX", help="at least this many pixels high")
 
 
 GRID_FORMATS = (".png", ".jpg", ".jpeg", ".pdf", ".svg", ".webp")
@@ -69,14 +114,21 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="search an index with text, an image, or both")
     p.add_argument("index", help="index folder")
     p.add_argument("query", nargs="?", help="text query")
-    p.add_argument("-k", type=positive_int, default=9, help="number of results")
+    p.add_argument("-k", "--limit", dest="k", type=positive_int, default=9, help="number of results (one page)")
+    p.add_argument("--offset", type=non_negative_int, default=0, help="skip this many results (the next pages)")
+    p.add_argument("--sort", choices=SORTS, default="score",
+                   help="score: best first; date: the good matches (not weak), newest first")
     p.add_argument("--image", metavar="PATH", help="query image (more like this)")
     p.add_argument("--image-weight", type=finite_float, default=1.0, help="weight of --image against the text")
     p.add_argument("--add", action="append", metavar="TEXT", help="extra text to pull results toward")
     p.add_argument("--subtract", action="append", metavar="TEXT", help="text to push results away from")
     p.add_argument("--model", help="model folder (default: the one recorded in the index)")
-    p.add_argument("--json", action="store_true", help='print [{"path": .., "score": ..}, ...]')
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true",
+                     help='print [{"path": .., "score": .., "id": .., "weak": .., "taken": .., ...}, ...]')
+    out.add_argument("--paths", action="store_true", help="print the paths only, one per line (for xargs)")
     p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
+    add_filter_args(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="serve an index as a search page and JSON API")

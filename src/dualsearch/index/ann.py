@@ -305,3 +305,194 @@ def read(path: str | os.PathLike, params: dict | None = None) -> faiss.Index:
     if params:
         set_params(index, params)
     return index
+
+
+
+# ---------------------------------------------------------------------------- filtered search
+VectorGetter = Callable[[np.ndarray], np.ndarray]
+"""``ids [m] int64 -> vectors [m, D] float32`` in the order asked (e.g. read from the catalog)."""
+
+# allowed sets up to this many ids, or this fraction of the index, are scored exactly (see :func:`search`)
+EXACT_MAX = {"flat": 0, "hnsw": 2000, "ivf": 500}
+EXACT_FRACTION = {"flat": 0.0, "hnsw": 0.01, "ivf": 0.0}
+WIDEN_POWER = {"hnsw": 1.0, "ivf": 0.5}  # first try: efSearch x (1/s)**p, nprobe x (1/s)**p (s: selectivity)
+WIDEN_STEP = 4  # then x4 for the queries still short of results, up to
+WIDEN_STEPS = 3  # this many times before scoring those queries exactly
+BITMAP_MAX_SPARSITY = 64  # a bitmap selector while the largest id is below 64x the number allowed
+
+
+def _selector(allowed: np.ndarray):
+    """A FAISS selector over the sorted external ids ``allowed``: a bitmap (one bit per id up to the
+    largest) when the ids are dense enough, else a hash set (``IDSelectorBatch``: a bloom filter in
+    front of an unordered set, slower to build and to test)."""
+    top = int(allowed[-1]) + 1
+    if allowed[0] >= 0 and top <= BITMAP_MAX_SPARSITY * len(allowed) + 4096:
+        bits = np.zeros(top, dtype=bool)
+        bits[allowed] = True
+        return faiss.IDSelectorBitmap(np.packbits(bits, bitorder="little"))
+    return faiss.IDSelectorBatch(allowed)
+
+
+def _ivf_params(ivf, sel, nprobe: int):
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    qparams = None
+    if isinstance(quantizer, faiss.IndexHNSW):  # as in set_params: it must find the nprobe nearest lists
+        qparams = faiss.SearchParametersHNSW(efSearch=max(64, 2 * nprobe, quantizer.hnsw.efSearch))
+    return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe, quantizer_params=qparams)
+
+
+def _filter_params(index: faiss.Index, sel, widen: float) -> tuple[object, bool]:
+    """Search parameters that apply ``sel`` (over external ids) to ``index``, with efSearch or
+    nprobe ``widen`` times the index's current settings (:func:`set_params`); and whether they
+    are the widest there are (every list probed, or efSearch at the index size).
+
+    ``IndexIDMap2.search`` translates a selector in the top-level parameters to its internal ids,
+    but ``IndexRefine`` passes only its ``base_index_params`` down, and their selector is not
+    translated (faiss 1.8-1.15): it is wrapped here in ``IDSelectorTranslated`` over the id map."""
+    inner = faiss.downcast_index(_inner(index))
+    widen = max(1.0, widen)
+    if isinstance(inner, faiss.IndexHNSW):
+        ef = int(min(inner.hnsw.efSearch * widen, max(inner.ntotal, inner.hnsw.efSearch)))
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef), ef >= inner.ntotal
+    if isinstance(inner, faiss.IndexRefine):
+        ivf = faiss.extract_index_ivf(inner.base_index)
+        local = faiss.IDSelectorTranslated(index.id_map, sel) if isinstance(index, faiss.IndexIDMap2) else sel
+        nprobe = int(min(ivf.nprobe * widen, ivf.nlist))
+        base = _ivf_params(ivf, local, nprobe)
+        params = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=base)
+        params.keep_ = (sel, local, base)  # the C++ objects must outlive the search
+        return params, nprobe >= ivf.nlist
+    if isinstance(inner, faiss.IndexIVF):
+        nprobe = int(min(inner.nprobe * widen, inner.nlist))
+        return _ivf_params(inner, sel, nprobe), nprobe >= inner.nlist
+    return faiss.SearchParameters(sel=sel), True  # exhaustive: already exact among the allowed
+
+
+def _code_store(index: faiss.Index):
+    """The flat code array holding every vector of ``index`` (IndexFlat, HNSW's storage, IVF-PQ's
+    refine codes), in the order of its internal ids; None for other layouts."""
+    inner = faiss.downcast_index(_inner(index))
+    if isinstance(inner, faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage)
+    elif isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.refine_index)
+    return inner if isinstance(inner, faiss.IndexFlatCodes) else None
+
+
+def _reconstruct(index: faiss.Index, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors [m', D], ids [m'])``: the stored vectors of ``ids`` (exact for flat and HNSW, from
+    the refine codes for IVF-PQ), leaving out ids the index does not hold. The codes are gathered
+    and decoded in one call where the id map is sorted (ids added in order, as the catalog adds
+    them): ~10x faster than FAISS's ``reconstruct_batch``, one id at a time through a hash map."""
+    store = _code_store(index)
+    if store is not None and store.ntotal == index.ntotal:
+        id_map = (faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size())
+                  if isinstance(index, faiss.IndexIDMap2) else np.arange(index.ntotal))
+        pos = np.searchsorted(id_map, ids).clip(0, max(0, len(id_map) - 1))
+        if len(id_map) and (id_map[pos] == ids).all():
+            codes = faiss.rev_swig_ptr(store.codes.data(), store.ntotal * store.code_size)
+            return store.sa_decode(codes.reshape(store.ntotal, store.code_size)[pos]), ids
+    try:
+        return index.reconstruct_batch(ids), ids
+    except RuntimeError:  # an id the index does not hold
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise ANNError("this index cannot give back its vectors; pass a vector getter") from None
+        ids = ids[np.isin(ids, faiss.vector_to_array(index.id_map))]
+        return (index.reconstruct_batch(ids) if len(ids) else np.empty((0, index.d), np.float32)), ids
+
+
+def exact_filtered(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray,
+                   vectors: VectorGetter | None = None, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner products of ``queries [n, D]`` among the ``allowed`` ids, reading
+    their vectors a block at a time from ``vectors`` (else reconstructing them from ``index``):
+    ``(scores [n, k] float32, ids [n, k] int64)``, best first, padded with -inf / -1 past the
+    number of allowed ids held. Raises ``ANNError`` when the vectors cannot be had."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for s in range(0, len(allowed), block):
+        ids = allowed[s:s + block]
+        got, ids = (vectors(ids), ids) if vectors is not None else _reconstruct(index, ids)
+        if len(ids) == 0:
+            continue
+        d, pos = faiss.knn(queries, np.ascontiguousarray(got, dtype=np.float32), min(k, len(ids)),
+                           metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(d, np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1))
+    heap.finalize()
+    return np.where(heap.I >= 0, heap.D, -np.inf).astype(np.float32), heap.I
+
+
+def _kind_of(index: faiss.Index) -> str:
+    inner = faiss.downcast_index(_inner(index))
+    return "hnsw" if isinstance(inner, faiss.IndexHNSW) else "flat" if isinstance(inner, faiss.IndexFlat) else "ivf"
+
+
+def exact_route(kind: str, n_allowed: int, ntotal: int) -> bool:
+    """Whether :func:`search` scores ``n_allowed`` ids exactly rather than through an index of
+    ``kind`` ("flat", "hnsw", "ivf") holding ``ntotal`` vectors."""
+    return n_allowed <= EXACT_MAX[kind] or n_allowed <= EXACT_FRACTION[kind] * ntotal
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
+           vectors: VectorGetter | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` inner products of ``queries [n, D] float32`` in ``index``, among the vector ids
+    ``allowed`` (a sorted int64 array; None: no filter). Returns ``(scores [n, k] float32, ids
+    [n, k] int64)``, best first, padded with -inf / -1; each row holds at least ``min(k, m)``
+    results, ``m`` the allowed ids the index holds (ids it lacks are ignored). ``vectors`` gives
+    the exact vectors of ids (else they are reconstructed from the index, IVF-PQ from its refine
+    codes). Raises ``ANNError`` when an index that cannot reconstruct needs ``vectors``.
+
+    Strategy (figures: bench/filter_speed.py; FAISS's id selectors with ``SearchParameters*``):
+      - at most ``EXACT_MAX`` allowed ids, or ``EXACT_FRACTION`` of the index: exact search over
+        their vectors (:func:`exact_filtered`); cheaper than a graph walk or list scan that has to
+        pass over ~1/s rejected vectors for each one kept;
+      - else the ANN index with a selector, efSearch (HNSW) or nprobe (IVF) first widened by
+        ``(1/s) ** WIDEN_POWER`` for selectivity ``s`` so that recall@10 holds, then x``WIDEN_STEP``
+        for queries that got fewer than ``min(k, m)`` results, and finally exact search for those
+        still short; a flat index scans only the allowed vectors and is exact at once."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    k = max(1, int(k))
+    if allowed is None:
+        if index.ntotal == 0:
+            return _padded(len(queries), k)
+        d, i = index.search(queries, min(k, index.ntotal))
+        return _fill(d, i, k)
+    allowed = np.asarray(allowed, dtype=np.int64)
+    m = len(allowed)
+    if m == 0 or index.ntotal == 0:
+        return _padded(len(queries), k)
+    if exact_route(_kind_of(index), m, index.ntotal):
+        return exact_filtered(index, queries, k, allowed, vectors)
+    return _selected(index, queries, k, allowed, vectors)
+
+
+def _padded(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+
+
+def _fill(d: np.ndarray, i: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FAISS's ``(scores, ids)`` padded to ``k`` columns, -inf where no id was found."""
+    scores, ids = _padded(len(d), k)
+    scores[:, :d.shape[1]] = np.where(i >= 0, d, -np.inf)
+    ids[:, :i.shape[1]] = i
+    return scores, ids
+
+
+def _selected(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray,
+              vectors: VectorGetter | None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` through the ANN index with a selector, widening for queries left short."""
+    sel = _selector(allowed)
+    need = min(k, len(allowed))
+    kind = _kind_of(index)
+    widen = (index.ntotal / len(allowed)) ** WIDEN_POWER.get(kind, 0.0)
+    scores, ids = _padded(len(queries), k)
+    rows = np.arange(len(queries))
+    for _ in range(WIDEN_STEPS + 1):
+        params, widest = _filter_params(index, sel, widen)
+        d, i = index.search(queries[rows], min(k, index.ntotal), params=params)
+        scores[rows], ids[rows] = _fill(d, i, k)
+        rows = rows[(i >= 0).sum(axis=1) < need]
+        if len(rows) == 0 or (widest and kind != "hnsw"):
+            return scores, ids
+        widen *= WIDEN_STEP
+    if len(rows):  # a graph walk that still cannot reach enough allowed vectors
+        scores[rows], ids[rows] = exact_filtered(index, queries[rows], k, allowed, vectors)
+    return scores, ids

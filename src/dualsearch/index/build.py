@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from ..data.images import is_uri
 from ..data.readers import DataError
 from ..model.folder import model_content_hash, read_model_config
 from ..storage import StorageError
@@ -38,6 +39,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .photos import calibrate, fill_metadata
 from .plan import Inputs, Plan, diff, list_folder, list_inputs
 
 if TYPE_CHECKING:
@@ -187,13 +189,13 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
     _require_images(str(images_dir), inputs, out)
 
     with index_job(out, model_path, kind, memory_budget, device) as job:
+        job.catalog.set_root(os.path.abspath(images_dir))  # relative rows follow a moved folder
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), unchanged=plan.unchanged)
         apply_removals(job.catalog, plan, inputs, str(images_dir), report, allow_mass_delete)
         from .local import embed_files  # torch: once the cheap checks have passed
 
         embed_files(job, plan.todo, report, batch_size, num_workers, commit_every, progress, max_pixels, engine)
-        job.catalog.set_meta("images_root", os.path.abspath(images_dir))
         finish(job, report)
     return report
 
@@ -214,12 +216,12 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
     inputs = list_inputs(str(src), exclude)
     _require_images(str(src), inputs, out)
     with index_job(out, model_path, kind, memory_budget) as job:
+        job.catalog.set_root(_images_root(str(src), inputs), move=os.path.isdir(str(src)))
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), tars=len(inputs.tars), unchanged=plan.unchanged)
         apply_removals(job.catalog, plan, inputs, str(src), report, allow_mass_delete)
         sp.run_plan(job, plan, report, embeddings or str(job.out / sp.EMBEDDINGS_DIR), shard_size, batch_size,
                     max_pixels, master, spark)
-        job.catalog.set_meta("images_root", _images_root(str(src), inputs))
         finish(job, report)
     return report
 
@@ -238,10 +240,11 @@ def index_vectors(out: str | os.PathLike, model_path: str | os.PathLike, paths: 
         if vectors.ndim != 2 or vectors.shape[1] != dim or len(vectors) != len(paths):
             raise IndexError_(f"expected {len(paths)} vectors of dimension {dim}, got shape {vectors.shape}")
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        job.catalog.set_root(os.path.abspath(images_root) if images_root else "", move=False)
+        paths = [p if is_uri(p) else os.path.abspath(p) for p in paths]
         for s in range(0, len(paths), batch):
             job.catalog.write_batch([IndexedFile(p, 0, 0, v) for p, v in zip(paths[s:s + batch],
                                                                              vectors[s:s + batch])], [])
-        job.catalog.set_meta("images_root", os.path.abspath(images_root) if images_root else "")
         report = IndexReport(found=len(paths), added=len(paths))
         finish(job, report)
     return report
@@ -282,6 +285,7 @@ def finish(job: IndexJob, report: IndexReport) -> None:
     report.seconds = time.perf_counter() - job.t0
     out, catalog, dim = job.out, job.catalog, job.model.config.embed_dim
     ensure_text_encoder(out, job.model, job.model_hash)
+    fill_metadata(catalog)  # rows embedded now, or upgraded from schema 1: no re-embedding
     try:
         manifest = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
     except IndexError_ as e:  # the catalog is the source of truth: a damaged manifest is rebuilt
@@ -291,8 +295,12 @@ def finish(job: IndexJob, report: IndexReport) -> None:
              or not (out / ANN_FILE).is_file() or (job.kind != "auto" and manifest["ann"]["kind"] != job.kind))
     if not stale:
         report.kind, report.count = manifest["ann"]["kind"], manifest["count"]
-        if manifest["model"]["path"] != job.model_path:  # same content hash, moved or copied: follow it
-            write_manifest(out, {**manifest, "model": {"path": job.model_path, "hash": job.model_hash}})
+        moved = manifest["model"]["path"] != job.model_path  # same content hash, moved or copied: follow it
+        rooted = manifest.get("images_root") != catalog.get_meta("images_root")  # a photo folder moved
+        if moved or rooted or "calibration" not in manifest:  # or an index from before the weak-match floor
+            index = ann.read(out / ANN_FILE, manifest["ann"].get("params"))
+            write_manifest(out, {**manifest, "model": {"path": job.model_path, "hash": job.model_hash},
+                                 "images_root": catalog.get_meta("images_root"), **_calibration(job, index)})
         return
     n = catalog.count()
     built = ann.build_stream(lambda: catalog.iter_vectors(dim), n, dim, job.kind, job.memory_budget)
@@ -302,6 +310,39 @@ def finish(job: IndexJob, report: IndexReport) -> None:
         "dim": dim, "metric": "inner_product", "count": n, "generation": catalog.generation,
         "images_root": catalog.get_meta("images_root"),
         "ann": {"kind": built.kind, "params": built.params, "tuned_recall_at_10": round(built.recall, 4)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_calibration(job, built.index),
     })
     report.kind, report.count = built.kind, n
+
+
+def _calibration(job: IndexJob, index) -> dict:
+    """The manifest's ``calibration`` (weak-match floor, :func:`.photos.calibrate`) and
+    ``examples`` (queries for a landing page: the model's own, else the unrelated-query bank's
+    best matches on this index)."""
+    from ..encode.onnx_encoders import load_text_encoder
+
+    encoder = load_text_encoder(job.out / TEXT_ENCODER_DIR, job.model_hash)
+    embed = encoder.embed if encoder is not None else job.model.embed_texts
+    entry = calibrate(job.out, job.catalog, job.model.config.embed_dim, embed, index.search)
+    if entry is None:
+        return {"calibration": None, "examples": []}
+    examples = read_model_config(job.model_path).get("example_queries") or entry.pop("best_bank_queries")
+    entry.pop("best_bank_queries", None)
+    return {"calibration": entry, "examples": list(examples)[:8]}
+
+
+def relocate(out: str | os.PathLike, old: str, new: str) -> int:
+    """The photos of index ``out`` moved from folder ``old`` to ``new`` (no file is read, no
+    vector recomputed): catalog paths and the manifest's ``images_root`` follow. -> rows moved.
+    Raises ``CatalogError`` / :class:`IndexError_` for a folder that is not an index."""
+    out, old, new = Path(out), os.path.abspath(old), os.path.abspath(new)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise IndexError_(f"{out}: not a dualsearch index (no {MANIFEST_FILE})")
+    catalog = Catalog(out)
+    try:
+        moved = catalog.relocate(old, new)
+        write_manifest(out, {**manifest, "images_root": catalog.get_meta("images_root")})
+    finally:
+        catalog.close()
+    return moved

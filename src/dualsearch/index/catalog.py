@@ -1,26 +1,41 @@
 """The catalog: an SQLite file inside an index folder, the source of truth for what is indexed.
 
 One row per file: path, size, mtime, status (``indexed`` or ``skipped``), the skip reason, the
-vector id and the vector itself. Work is committed in transactions (``with
+vector id, the vector itself and the photo's metadata (:mod:`dualsearch.data.metadata`: date
+taken, size, format, camera, GPS; filled in by the indexing run's metadata pass). Paths under the
+indexed root (meta ``images_root``) are stored relative to it, so a moved photo folder is
+re-rooted (:meth:`Catalog.set_root`) and every vector re-used; other paths and URIs are stored
+whole. Schema 1 catalogs (dualsearch 0.1: absolute paths, no metadata) are upgraded in place when
+opened for writing, and read as they are when opened read-only. Work is committed in transactions (``with
 catalog.transaction():``), so a run killed at any point leaves a consistent catalog and the next
 run resumes where it stopped. The FAISS index is derived from it (``generation`` tells when it is
 stale). Every statement lives in this module; callers use the named methods.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from ..data.metadata import METADATA_VERSION, PhotoMetadata
 from ..data.records import display_name
 from ..errors import DualsearchError
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # read-only; 1 is upgraded to 2 on the first write
 CATALOG_FILE = "catalog.sqlite"
+# schema 2: the photo's metadata (dualsearch.data.metadata.PhotoMetadata) beside its vector
+METADATA_COLUMNS = (("taken", "TEXT"), ("taken_offset", "TEXT"), ("date_source", "TEXT"), ("width", "INTEGER"),
+                    ("height", "INTEGER"), ("format", "TEXT"), ("camera_make", "TEXT"), ("camera_model", "TEXT"),
+                    ("lat", "REAL"), ("lon", "REAL"), ("metadata_version", "INTEGER"))
 
 
 class CatalogError(DualsearchError):
@@ -89,6 +104,85 @@ def _prefix_bounds(prefix: str) -> tuple[str, str]:
     return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
+FORMAT_ALIASES = {"JPG": "JPEG", "JPE": "JPEG", "TIF": "TIFF", "HEIC": "HEIF", "HIF": "HEIF"}
+
+
+def _iso_date(value: str | None, what: str) -> str | None:
+    """``"2024-05-01"`` or a full ISO date-time, checked; raises :class:`CatalogError`."""
+    from datetime import date, datetime
+
+    if value in (None, ""):
+        return None
+    try:
+        return (date.fromisoformat(value) if len(value) == 10 else datetime.fromisoformat(value)).isoformat()
+    except (TypeError, ValueError):
+        raise CatalogError(f"{what}: not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS): {value!r}") from None
+
+
+@dataclass(frozen=True)
+class PhotoFilter:
+    """Which indexed images a search may return; every given condition must hold (a repeated one:
+    any of its values). ``folders``: folders under the indexed root (relative, or absolute under
+    it); ``globs``: shell patterns matched against the path relative to the root when they hold a
+    ``/``, else against the file name; ``after``: taken on or after this ISO date (date-time);
+    ``before``: taken strictly before it; ``cameras``: case-insensitive substrings of "make
+    model"; ``formats``: Pillow format names or extensions (``jpg``, ``heic``); ``min_width`` /
+    ``min_height`` in pixels. Dates compare the camera's local time (see
+    :mod:`dualsearch.data.metadata`). Raises :class:`CatalogError` for a malformed date."""
+
+    folders: tuple[str, ...] = ()
+    globs: tuple[str, ...] = ()
+    after: str | None = None
+    before: str | None = None
+    cameras: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ()
+    min_width: int | None = None
+    min_height: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "after", _iso_date(self.after, "after"))
+        object.__setattr__(self, "before", _iso_date(self.before, "before"))
+
+    def __bool__(self) -> bool:
+        return any((self.folders, self.globs, self.after, self.before, self.cameras, self.formats,
+                    self.min_width, self.min_height))
+
+    def needs_metadata(self) -> bool:
+        return any((self.after, self.before, self.cameras, self.formats, self.min_width, self.min_height))
+
+    def sql(self, rel) -> tuple[str, list]:
+        """(`` AND ...`` clauses, arguments); ``rel`` maps a path to its stored form."""
+        clauses, args = [], []
+
+        def any_of(parts: list[str], values: list) -> None:
+            clauses.append("(" + " OR ".join(parts) + ")")
+            args.extend(values)
+
+        if self.folders:
+            bounds = [_prefix_bounds(from_db(rel(f.rstrip("/"))) + "/") for f in self.folders]
+            any_of(["(path >= ? AND path < ?)"] * len(bounds), [b for pair in bounds for b in pair])
+        if self.globs:
+            pats = [g if "/" in g else p for g in self.globs for p in (g, "*/" + g)]
+            any_of(["path GLOB ?"] * len(pats), pats)
+        if self.after:
+            clauses.append("taken >= ?")
+            args.append(self.after)
+        if self.before:
+            clauses.append("taken < ?")
+            args.append(self.before)
+        if self.cameras:
+            any_of(["lower(coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE ?"] * len(self.cameras),
+                   [f"%{c.lower()}%" for c in self.cameras])
+        if self.formats:
+            names = [FORMAT_ALIASES.get(f.upper().lstrip("."), f.upper().lstrip(".")) for f in self.formats]
+            any_of(["format = ?"] * len(names), names)
+        for col, value in (("width", self.min_width), ("height", self.min_height)):
+            if value:
+                clauses.append(f"{col} >= ?")
+                args.append(int(value))
+        return "".join(f" AND {c}" for c in clauses), args
+
+
 class Catalog:
     """``Catalog(folder)`` opens ``folder/catalog.sqlite``; ``create=True`` makes it when missing,
     ``readonly=True`` opens it without write access. Raises :class:`CatalogError`."""
@@ -135,10 +229,103 @@ class Catalog:
                 if self.get_meta("schema_version") is None:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))
                     self.set_meta("generation", "0")
+                    self._add_metadata_columns()
         version = self.get_meta("schema_version")
-        if version is None or int(version) != SCHEMA_VERSION:
+        if version is None or not version.isdigit() or int(version) not in READABLE_SCHEMAS:
             raise CatalogError(f"{self.path}: catalog schema {version} is not supported "
-                               f"(this dualsearch reads {SCHEMA_VERSION}); re-index into a new folder")
+                               f"(this dualsearch reads {', '.join(map(str, READABLE_SCHEMAS))}); "
+                               f"re-index into a new folder")
+        if int(version) < SCHEMA_VERSION and not self.readonly:
+            self._upgrade(int(version))
+            version = str(SCHEMA_VERSION)
+        self.schema = int(version)
+        self.root = self.get_meta("images_root") or "" if self.schema >= 2 else ""
+
+    def _add_metadata_columns(self) -> None:
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
+        for name, kind in METADATA_COLUMNS:
+            if name not in have:
+                self.db.execute(f"ALTER TABLE files ADD COLUMN {name} {kind}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS files_taken ON files (taken)")
+
+    def _upgrade(self, version: int) -> None:
+        """Schema 1 -> 2 in place, in one transaction: the metadata columns (filled in by the next
+        indexing run's metadata pass, no re-embedding), paths under the root made relative."""
+        with self.transaction():
+            if version < 2:
+                self._add_metadata_columns()
+                self.root = self.get_meta("images_root") or ""
+                self._relativize(self.root)
+                self.set_meta("schema_version", "2")
+        log.info("%s: catalog upgraded from schema %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def _relativize(self, root: str) -> int:
+        """Rows stored with an absolute path under ``root`` -> stored relative to it."""
+        if not root:
+            return 0
+        rows = [(from_db(p),) for (p,) in self.db.execute("SELECT path FROM files WHERE path LIKE '/%' "
+                                                          "OR typeof(path) = 'blob'")]
+        prefix = root.rstrip("/") + "/"
+        moves = [(to_db(p[len(prefix):]), to_db(p)) for (p,) in rows if p.startswith(prefix)]
+        self.db.executemany("UPDATE OR REPLACE files SET path = ? WHERE path = ?", moves)
+        return len(moves)
+
+    # ------------------------------------------------------------------ paths
+    def _rel(self, path: str) -> str | bytes:
+        """A path as stored: relative to the root when under it (schema 2), else whole."""
+        root = self.root
+        if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+            path = path[len(root) + 1:]
+        return to_db(path)
+
+    def _abs(self, stored: str | bytes) -> str:
+        """The inverse of :meth:`_rel`: absolute paths and URIs as stored, the rest under the root."""
+        path = from_db(stored)
+        if self.root and not path.startswith("/") and "://" not in path:
+            return f"{self.root}/{path}"
+        return path
+
+    def set_root(self, root: str, move: bool = True) -> None:
+        """Make ``root`` (an absolute folder, or "" for none) the folder relative paths live in.
+
+        ``move=True`` (a folder indexed, or relocated): relative rows move with the root, so a
+        photo folder moved from OLD to NEW and indexed again from NEW finds its rows unchanged
+        (same size and mtime) and re-uses every vector. ``move=False`` (a root derived from other
+        inputs): every row keeps its absolute path. Either way, absolute rows under the new root
+        become relative."""
+        root = root.rstrip("/") if root not in ("", "/") else root
+        if root == self.root and root == (self.get_meta("images_root") or ""):
+            return
+        with self.transaction():
+            if not move and self.root and self.root != root:
+                self._absolutize(self.root)
+            self.set_meta("images_root", root)
+            self.root = root
+            self._relativize(root)  # vectors unchanged: the ANN index stays valid (no generation bump)
+
+    def _absolutize(self, root: str) -> None:
+        """Rows stored relative -> absolute under ``root``."""
+        rows = [(from_db(p),) for (p,) in self.db.execute("SELECT path FROM files WHERE (path NOT LIKE '/%' AND "
+                                                          "instr(path, '://') = 0) OR typeof(path) = 'blob'")]
+        moves = [(to_db(f"{root}/{p}"), to_db(p)) for (p,) in rows if not p.startswith("/") and "://" not in p]
+        self.db.executemany("UPDATE OR REPLACE files SET path = ? WHERE path = ?", moves)
+
+    def relocate(self, old: str, new: str) -> int:
+        """Files moved from folder ``old`` to ``new``: the root and every absolute row under
+        ``old`` follow (no file is read). -> rows whose path changed."""
+        old, new = old.rstrip("/") or "/", new.rstrip("/") or "/"
+        with self.transaction():
+            rows = [from_db(p) for (p,) in self.db.execute("SELECT path FROM files WHERE path LIKE '/%' OR "
+                                                             "typeof(path) = 'blob'")]
+            moves = [(to_db(new + p[len(old):]), to_db(p)) for p in rows if p.startswith(old + "/")]
+            self.db.executemany("UPDATE OR REPLACE files SET path = ? WHERE path = ?", moves)
+            n = len(moves)
+            if self.root == old or self.root.startswith(old + "/"):
+                self.set_meta("images_root", new + self.root[len(old):])
+                self.root = new + self.root[len(old):]
+                n += self.db.execute("SELECT COUNT(*) FROM files WHERE typeof(path) = 'text' AND path NOT LIKE '/%' "
+                                     "AND instr(path, '://') = 0").fetchone()[0]
+        return n
 
     @contextmanager
     def transaction(self) -> Iterator["Catalog"]:
@@ -205,7 +392,7 @@ class Catalog:
     # ------------------------------------------------------------------ files
     def file_stats(self) -> dict[str, FileStat]:
         """path -> (size, mtime_ns) of every known file, indexed or skipped."""
-        return {from_db(p): FileStat(s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM files")}
+        return {self._abs(p): FileStat(s, m) for p, s, m in self.db.execute("SELECT path, size, mtime_ns FROM files")}
 
     def _next_vector_id(self) -> int:
         row = self.db.execute("SELECT MAX(vector_id) FROM files").fetchone()
@@ -219,12 +406,13 @@ class Catalog:
             vid = self._next_vector_id()
             rows = []
             for f in map(IndexedFile._make, indexed):
-                rows.append((to_db(f.path), f.size, f.mtime_ns, "indexed", None, vid,
+                rows.append((self._rel(f.path), f.size, f.mtime_ns, "indexed", None, vid,
                              np.asarray(f.vector, np.float32).tobytes()))
                 vid += 1
-            rows += [(to_db(f.path), f.size, f.mtime_ns, "skipped", display_name(f.reason), None, None)
+            rows += [(self._rel(f.path), f.size, f.mtime_ns, "skipped", display_name(f.reason), None, None)
                      for f in map(SkippedFile._make, skipped)]
-            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, status, reason, vector_id, "
+                                "vector) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
             self.set_meta("next_vector_id", str(vid))
             self._bump()
 
@@ -232,7 +420,7 @@ class Catalog:
         """Delete these rows. -> how many were asked for."""
         paths = list(paths)
         with self.transaction():
-            self.db.executemany("DELETE FROM files WHERE path = ?", [(to_db(p),) for p in paths])
+            self.db.executemany("DELETE FROM files WHERE path = ?", [(self._rel(p),) for p in paths])
             if paths:
                 self._bump()
         return len(paths)
@@ -240,7 +428,8 @@ class Catalog:
     def remove_prefix(self, prefix: str) -> int:
         """Delete every row whose path starts with ``prefix``. -> rows deleted."""
         with self.transaction():
-            cur = self.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", _prefix_bounds(prefix))
+            rel = from_db(self._rel(prefix))
+            cur = self.db.execute("DELETE FROM files WHERE path >= ? AND path < ?", _prefix_bounds(rel))
             if cur.rowcount:
                 self._bump()
         return cur.rowcount
@@ -250,7 +439,7 @@ class Catalog:
 
     def skipped(self) -> list[Skip]:
         """Skipped files with their reasons, by path."""
-        return [Skip(from_db(p), r) for p, r in self.db.execute(
+        return [Skip(self._abs(p), r) for p, r in self.db.execute(
             "SELECT path, reason FROM files WHERE status = 'skipped' ORDER BY path")]
 
     # ------------------------------------------------------------------ vectors
@@ -278,7 +467,19 @@ class Catalog:
         if not ids:
             return {}
         q = f"SELECT vector_id, path FROM files WHERE vector_id IN ({','.join('?' * len(ids))})"
-        return {vid: from_db(p) for vid, p in self.db.execute(q, ids)}
+        return {vid: self._abs(p) for vid, p in self.db.execute(q, ids)}
+
+    def vectors_for(self, ids: Sequence[int], dim: int) -> np.ndarray:
+        """The vectors ``[m, dim]`` float32 of ``ids``, in the order asked (an id the catalog lacks:
+        a zero row)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        for s in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[s:s + 900]
+            found.update(self.db.execute(f"SELECT vector_id, vector FROM files WHERE vector_id IN "
+                                         f"({','.join('?' * len(chunk))})", chunk).fetchall())
+        zero = bytes(4 * dim)
+        return np.frombuffer(b"".join(found.get(i) or zero for i in ids), dtype=np.float32).reshape(len(ids), dim)
 
     def vector_for(self, vector_id: int, dim: int) -> np.ndarray | None:
         row = self.db.execute("SELECT vector FROM files WHERE vector_id = ?", (int(vector_id),)).fetchone()
@@ -286,13 +487,104 @@ class Catalog:
 
     def id_for_path(self, path: str) -> int | None:
         row = self.db.execute("SELECT vector_id FROM files WHERE path = ? AND status = 'indexed'",
-                              (to_db(path),)).fetchone()
+                              (self._rel(path),)).fetchone()
         return row[0] if row else None
 
     def path_for(self, vector_id: int) -> str | None:
         row = self.db.execute("SELECT path FROM files WHERE vector_id = ? AND status = 'indexed'",
                               (int(vector_id),)).fetchone()
-        return from_db(row[0]) if row else None
+        return self._abs(row[0]) if row else None
+
+    # ------------------------------------------------------------------ photo metadata
+    def _require_metadata(self) -> None:
+        if self.schema < 2:
+            raise CatalogError(f"{self.path.parent}: this index predates photo metadata (schema {self.schema}); "
+                               f"run `dualsearch index` on it once to add dates, sizes and cameras")
+
+    def count_missing_metadata(self) -> int:
+        """Indexed rows whose metadata is not read yet, or read by an older reader."""
+        return self.db.execute("SELECT COUNT(*) FROM files WHERE status = 'indexed' AND (metadata_version IS NULL "
+                               "OR metadata_version < ?)", (METADATA_VERSION,)).fetchone()[0]
+
+    def missing_metadata(self, limit: int = 4096) -> list[tuple[int, str, int]]:
+        """Up to ``limit`` indexed rows whose metadata is not read yet (or read by an older
+        reader): (vector id, absolute path, mtime ns)."""
+        rows = self.db.execute("SELECT vector_id, path, mtime_ns FROM files WHERE status = 'indexed' AND "
+                               "(metadata_version IS NULL OR metadata_version < ?) LIMIT ?",
+                               (METADATA_VERSION, limit))
+        return [(vid, self._abs(p), m) for vid, p, m in rows]
+
+    def write_metadata(self, rows: Sequence[tuple[int, PhotoMetadata]]) -> None:
+        """Store metadata by vector id (one transaction). Does not bump the generation: the
+        vectors, and so the ANN index, are unchanged."""
+        cols = [name for name, _ in METADATA_COLUMNS if name != "metadata_version"]
+        sql = (f"UPDATE files SET {', '.join(f'{c} = ?' for c in cols)}, metadata_version = ? "
+               f"WHERE vector_id = ?")
+        with self.transaction():
+            self.db.executemany(sql, [(*(getattr(m, c) for c in cols), METADATA_VERSION, int(vid))
+                                      for vid, m in rows])
+
+    def metadata_for(self, ids: Sequence[int]) -> dict[int, dict]:
+        """vector id -> its metadata fields (``METADATA_COLUMNS`` less the version, plus ``path``);
+        fields are None where unknown. A schema-1 catalog answers paths only."""
+        ids = [int(i) for i in ids if i >= 0]
+        if not ids:
+            return {}
+        cols = [name for name, _ in METADATA_COLUMNS if name != "metadata_version"] if self.schema >= 2 else []
+        q = (f"SELECT {', '.join(['vector_id', 'path', *cols])} FROM files "
+             f"WHERE vector_id IN ({','.join('?' * len(ids))})")
+        return {row[0]: {"path": self._abs(row[1]), **dict(zip(cols, row[2:]))} for row in self.db.execute(q, ids)}
+
+    def filter_ids(self, where: "PhotoFilter") -> np.ndarray:
+        """Sorted vector ids (int64) of the indexed images that pass ``where``. Raises
+        :class:`CatalogError` on a schema-1 catalog when ``where`` needs metadata."""
+        sql, args = where.sql(self._rel)
+        if where.needs_metadata():
+            self._require_metadata()
+        cur = self.db.execute(f"SELECT vector_id FROM files WHERE status = 'indexed'{sql} ORDER BY vector_id", args)
+        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+
+    def ids_by_date(self, where: "PhotoFilter", offset: int, limit: int) -> tuple[list[int], int]:
+        """(vector ids of one page, total) of the indexed images that pass ``where``, newest
+        first (undated last, then by id)."""
+        sql, args = where.sql(self._rel)
+        if self.schema < 2:
+            self._require_metadata()
+        total = self.db.execute(f"SELECT COUNT(*) FROM files WHERE status = 'indexed'{sql}", args).fetchone()[0]
+        rows = self.db.execute(f"SELECT vector_id FROM files WHERE status = 'indexed'{sql} ORDER BY taken IS NULL, "
+                               f"taken DESC, vector_id LIMIT ? OFFSET ?", [*args, int(limit), int(offset)])
+        return [r[0] for r in rows], total
+
+    def dates_for(self, ids: Sequence[int]) -> dict[int, str | None]:
+        """vector id -> its ``taken`` ISO date-time (None when unknown)."""
+        if self.schema < 2:
+            return {int(i): None for i in ids}
+        ids = [int(i) for i in ids if i >= 0]
+        out: dict[int, str | None] = {}
+        for s in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            chunk = ids[s:s + 900]
+            out.update(self.db.execute(f"SELECT vector_id, taken FROM files WHERE vector_id IN "
+                                       f"({','.join('?' * len(chunk))})", chunk).fetchall())
+        return out
+
+    def library_summary(self, top: int = 50) -> dict:
+        """What the index holds, for a landing page: count, date range, top-level folders, cameras
+        and formats with their counts (largest first, at most ``top`` of each)."""
+        n = self.count()
+        if self.schema < 2:
+            return {"images": n, "date_min": None, "date_max": None, "folders": [], "cameras": [], "formats": []}
+        lo, hi = self.db.execute("SELECT MIN(taken), MAX(taken) FROM files WHERE status = 'indexed'").fetchone()
+
+        def counts(expr: str) -> list[dict]:
+            rows = self.db.execute(f"SELECT {expr} AS v, COUNT(*) AS c FROM files WHERE status = 'indexed' "
+                                   f"GROUP BY v HAVING v IS NOT NULL AND v != '' ORDER BY c DESC, v LIMIT ?", (top,))
+            return [{"name": from_db(v), "count": c} for v, c in rows]
+
+        folder = ("CASE WHEN path LIKE '/%' OR instr(path, '://') > 0 OR instr(path, '/') = 0 THEN NULL "
+                  "ELSE substr(path, 1, instr(path, '/') - 1) END")
+        camera = "trim(coalesce(camera_make, '') || ' ' || coalesce(camera_model, ''))"
+        return {"images": n, "date_min": lo, "date_max": hi, "folders": counts(folder), "cameras": counts(camera),
+                "formats": counts("format")}
 
     def close(self) -> None:
         self.db.close()

@@ -1,0 +1,232 @@
+"""The photo library (#14): metadata in the catalog, filters, sort and pages, weak matches,
+schema upgrade without re-embedding, relocation, a live index, `search --paths`."""
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dualsearch.cli import main
+from dualsearch.data.metadata import read_metadata
+from dualsearch.index.build import build_index
+from dualsearch.index.catalog import Catalog, CatalogError, PhotoFilter
+from dualsearch.search import Searcher
+
+FIXTURE = Path(__file__).parent / "fixtures" / "index-v1"
+
+
+def exif_jpeg(src: Path, dst: Path, taken: str | None, make: str | None = None, model: str | None = None,
+              gps: tuple[float, float] | None = None, offset: str | None = None) -> None:
+    """Save ``src`` as a JPEG with EXIF written by Pillow (DateTimeOriginal in the Exif IFD)."""
+    img = Image.open(src).convert("RGB")
+    exif = Image.Exif()
+    if make:
+        exif[0x010F], exif[0x0110] = make, model or ""
+    sub = exif.get_ifd(0x8769)
+    if taken:
+        sub[0x9003] = taken
+    if offset:
+        sub[0x9011] = offset
+    if gps:
+        g = exif.get_ifd(0x8825)
+        lat, lon = gps
+        g[1], g[3] = ("N" if lat >= 0 else "S"), ("E" if lon >= 0 else "W")
+        g[2] = (abs(lat), 0.0, 0.0)
+        g[4] = (abs(lon), 0.0, 0.0)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    img.save(dst, exif=exif, quality=90)
+
+
+@pytest.fixture()
+def library(tmp_path, shapes_data):
+    """18 photos in 3 folders: 2021 by a Canon, 2023 by a Pixel (with GPS), and undated PNGs."""
+    _, root = shapes_data
+    srcs = sorted((root / "images").glob("*.jpg"))[:18]
+    lib = tmp_path / "photos"
+    for i, p in enumerate(srcs[:6]):
+        exif_jpeg(p, lib / "2021" / f"c{i}.jpg", f"2021:0{i + 1}:1{i} 10:00:00", "Canon", "EOS 5D")
+    for i, p in enumerate(srcs[6:12]):
+        exif_jpeg(p, lib / "2023" / "trip" / f"p{i}.jpg", f"2023:05:0{i + 1} 08:30:00", "Google", "Pixel 7",
+                  gps=(48.8584, 2.2945), offset="+02:00")
+    for i, p in enumerate(srcs[12:]):
+        (lib / "scans").mkdir(exist_ok=True)
+        Image.open(p).resize((128, 96)).save(lib / "scans" / f"s{i}.png")
+        os.utime(lib / "scans" / f"s{i}.png", ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    return lib
+
+
+def test_metadata_reader(library):
+    m = read_metadata(str(library / "2023" / "trip" / "p0.jpg"))
+    assert (m.taken, m.taken_offset, m.date_source) == ("2023-05-01T08:30:00", "+02:00", "exif")
+    assert (m.camera_make, m.camera_model, m.format, m.width, m.height) == ("Google", "Pixel 7", "JPEG", 64, 64)
+    assert m.lat == pytest.approx(48.8584) and m.lon == pytest.approx(2.2945)
+    png = read_metadata(str(library / "scans" / "s0.png"))
+    assert png.date_source == "mtime" and png.taken.startswith("2020-09-1") and (png.width, png.height) == (128, 96)
+    broken = library / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really")
+    assert read_metadata(str(broken)).format is None  # never raises: the mtime date is all it has
+    assert read_metadata(str(library / "missing.jpg")).taken is None
+
+
+@pytest.fixture()
+def indexed(tmp_path, library, tiny_model):
+    out = tmp_path / "index"
+    build_index(library, tiny_model, out, kind="flat", num_workers=0, progress=False)
+    return out
+
+
+def _brute(searcher: Searcher, text: str, allowed: set[int]) -> list[int]:
+    ids, vecs = searcher.catalog.vectors(searcher.dim)
+    scores = vecs @ searcher.text_vector(text)
+    return [int(i) for i in ids[np.argsort(-scores)] if int(i) in allowed]
+
+
+def test_filters_equal_brute_force_filtered_search(indexed, library):
+    s = Searcher.open(indexed)
+    try:
+        assert s.info()["images"] == 18 and s.info()["date_min"].startswith("2020")
+        paths = {i: p for i, p in s.catalog.paths_for(range(100)).items()}
+        cases = {
+            PhotoFilter(folders=("2023",)): lambda p: "/2023/" in p,
+            PhotoFilter(folders=(str(library / "2021"),)): lambda p: "/2021/" in p,
+            PhotoFilter(after="2021-03-01", before="2023-05-03"): lambda p: p.endswith(("c2.jpg", "c3.jpg", "c4.jpg",
+                                                                                        "c5.jpg", "p0.jpg", "p1.jpg")),
+            PhotoFilter(cameras=("pixel",)): lambda p: "/trip/" in p,
+            PhotoFilter(formats=("png",)): lambda p: p.endswith(".png"),
+            PhotoFilter(globs=("s*.png", "c1.jpg")): lambda p: "/scans/" in p or p.endswith("c1.jpg"),
+            PhotoFilter(min_width=100): lambda p: p.endswith(".png"),
+        }
+        for where, keep in cases.items():
+            allowed = {i for i, p in paths.items() if keep(p)}
+            page = s.search_page("two red triangles", k=4, where=where)
+            assert page.total == len(allowed), where
+            assert [r.id for r in page.results] == _brute(s, "two red triangles", allowed)[:4], where
+        few = s.search_page("a circle", k=10, where=PhotoFilter(formats=("png",)))
+        assert len(few.results) == 6  # never fewer than k when that many pass: all 6 PNGs
+        assert few.results[0].meta["format"] == "PNG" and few.results[0].meta["date_source"] == "mtime"
+        with pytest.raises(CatalogError, match="not an ISO date"):
+            PhotoFilter(after="last tuesday")
+    finally:
+        s.close()
+
+
+def test_pages_sort_and_weak_marks(indexed):
+    s = Searcher.open(indexed)
+    try:
+        whole = s.search_page("a blue square", k=18)
+        pages = [s.search_page("a blue square", k=5, offset=o) for o in (0, 5, 10, 15)]
+        assert [r.id for p in pages for r in p.results] == [r.id for r in whole.results]
+        assert all(p.total == 18 for p in pages) and len(pages[-1].results) == 3
+        assert all(r.weak is not None and r.z is not None for r in whole.results)
+        manifest = json.loads((indexed / "manifest.json").read_text())
+        assert manifest["calibration"]["bank"] >= 40 and manifest["examples"]
+        by_date = s.search_page("a blue square", k=18, sort="date")
+        dates = [r.meta["taken"] for r in by_date.results]
+        assert dates == sorted(dates, reverse=True) and not any(r.weak for r in by_date.results)
+        timeline = s.search_page(k=4, sort="date", where=PhotoFilter(folders=("2021",)))
+        assert [Path(r.path).name for r in timeline.results] == ["c5.jpg", "c4.jpg", "c3.jpg", "c2.jpg"]
+        assert timeline.total == 6
+    finally:
+        s.close()
+
+
+def test_cli_filters_paths_and_json(indexed, library, capsys):
+    assert main(["-q", "search", str(indexed), "a red circle", "--in", "2023", "--paths", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.startswith(str(library / "2023")) for line in lines)
+    assert main(["-q", "search", str(indexed), "a red circle", "--camera", "canon", "--json", "--offset", "4"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and {h["camera_make"] for h in hits} == {"Canon"} and "weak" in hits[0]
+    with pytest.raises(SystemExit) as exit_:
+        main(["-q", "search", str(indexed), "x", "--after", "2021-13-01"])
+    assert exit_.value.code == 2
+    assert "not an ISO date" in capsys.readouterr().err
+
+
+def test_schema_1_index_upgrades_in_place_without_reembedding(tmp_path, capsys):
+    """The index written by the previous version (schema 1, absolute paths, no metadata) is
+    upgraded by the next run from the images' new place: no vector is recomputed."""
+    old = tmp_path / "v1"
+    shutil.copytree(FIXTURE, old)
+    db = sqlite3.connect(old / "index" / "catalog.sqlite")
+    recorded = dict(db.execute("SELECT path, mtime_ns FROM files"))
+    vectors_before = dict(db.execute("SELECT path, vector FROM files"))
+    db.close()
+    for path, mtime in recorded.items():  # the same files, as a copy that keeps mtimes would leave them
+        os.utime(old / "images" / Path(path).name, ns=(mtime, mtime))
+    out = old / "index"
+    assert main(["-q", "index", str(old / "images"), "--model", str(old / "model"), "--out", str(out),
+                 "--workers", "0"]) == 0
+    assert "0 embedded" in capsys.readouterr().out
+    cat = Catalog(out, readonly=True)
+    assert cat.schema == 2 and cat.count_missing_metadata() == 0
+    ids, _ = cat.vectors(16)
+    after = {Path(p).name: cat.vectors_for([i], 16)[0].tobytes() for i, p in cat.paths_for(ids).items()}
+    assert after == {Path(p).name: v for p, v in vectors_before.items()}
+    cat.close()
+
+
+def test_relocation_reuses_every_vector(tmp_path, indexed, library, tiny_model, capsys):
+    moved = tmp_path / "moved-photos"
+    shutil.move(library, moved)  # a rename keeps mtimes
+    report = build_index(moved, tiny_model, indexed, num_workers=0, progress=False)
+    assert (report.added, report.unchanged, report.removed) == (0, 18, 0)
+    s = Searcher.open(indexed)
+    assert all(r.path.startswith(str(moved)) for r in s.search("a red circle", k=5))
+    s.close()
+    # the command, for a folder moved without a run: no file is read
+    again = tmp_path / "again"
+    shutil.move(moved, again)
+    assert main(["-q", "relocate", str(indexed), str(moved), str(again)]) == 0
+    assert "18 paths now under" in capsys.readouterr().out
+    index2 = tmp_path / "elsewhere" / "index"
+    shutil.move(indexed, index2)  # the index folder itself moves too
+    assert main(["-q", "search", str(index2), "a red circle", "--paths", "-k", "2"]) == 0
+    assert all(line.startswith(str(again)) for line in capsys.readouterr().out.splitlines())
+
+
+def test_readonly_schema_1_index_searches_but_filters_say_why(tmp_path):
+    old = tmp_path / "v1"
+    shutil.copytree(FIXTURE, old)
+    s = Searcher.open(old / "index", old / "model")
+    try:
+        assert len(s.search("two red triangles", k=3)) == 3
+        with pytest.raises(CatalogError, match="predates photo metadata"):
+            s.search_page("two red triangles", where=PhotoFilter(cameras=("canon",)))
+    finally:
+        s.close()
+
+
+def test_watch_keeps_the_index_up_to_date(tmp_path, library, tiny_model):
+    from dualsearch.index.watch import watch
+
+    out = tmp_path / "live"
+    build_index(library, tiny_model, out, num_workers=0, progress=False)
+    stop, reports = threading.Event(), []
+
+    def run():
+        return build_index(library, tiny_model, out, num_workers=0, progress=False)
+
+    t = threading.Thread(target=watch, args=(library, run), kwargs=dict(debounce=0.5, stop=stop,
+                                                                         on_result=reports.append))
+    t.start()
+    try:
+        time.sleep(0.5)
+        shutil.copy(library / "2021" / "c0.jpg", library / "new.jpg")
+        (library / "scans" / "s0.png").unlink()
+        deadline = time.time() + 60
+        while not reports and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join(10)
+    assert reports and reports[-1].added == 1 and reports[-1].removed == 1
+    s = Searcher.open(out)
+    assert len(s) == 18 and any(r.path.endswith("new.jpg") for r in s.search("x", k=18))
+    s.close()

@@ -91,7 +91,7 @@ def test_filters_equal_brute_force_filtered_search(indexed, library):
     s = Searcher.open(indexed)
     try:
         assert s.info()["images"] == 18 and s.info()["date_min"].startswith("2020")
-        paths = {i: p for i, p in s.catalog.paths_for(range(100)).items()}
+        paths = s.catalog.paths_for(range(100))
         cases = {
             PhotoFilter(folders=("2023",)): lambda p: "/2023/" in p,
             PhotoFilter(folders=(str(library / "2021"),)): lambda p: "/2021/" in p,
@@ -213,8 +213,8 @@ def test_watch_keeps_the_index_up_to_date(tmp_path, library, tiny_model):
     def run():
         return build_index(library, tiny_model, out, num_workers=0, progress=False)
 
-    t = threading.Thread(target=watch, args=(library, run), kwargs=dict(debounce=0.5, stop=stop,
-                                                                         on_result=reports.append))
+    t = threading.Thread(target=watch, args=(library, run), kwargs={"debounce": 0.5, "stop": stop,
+                                                                         "on_result": reports.append})
     t.start()
     try:
         time.sleep(0.5)
@@ -230,3 +230,33 @@ def test_watch_keeps_the_index_up_to_date(tmp_path, library, tiny_model):
     s = Searcher.open(out)
     assert len(s) == 18 and any(r.path.endswith("new.jpg") for r in s.search("x", k=18))
     s.close()
+
+
+def test_http_api_filters_pages_info_and_hot_swap(indexed, library, tiny_model):
+    from fastapi.testclient import TestClient
+
+    from dualsearch.server.app import create_app
+
+    with TestClient(create_app(Searcher.open(indexed), reload=True)) as c:
+        r = c.get("/api/search", params={"q": "a red circle", "k": 4, "in": "2023", "offset": 4})
+        body = r.json()
+        assert r.status_code == 200 and body["total"] == 6 and body["offset"] == 4 and len(body["results"]) == 2
+        hit = body["results"][0]
+        assert hit["folder"] == "2023/trip" and hit["camera"] == "Google Pixel 7" and hit["date_source"] == "exif"
+        assert hit["path"].startswith("2023/trip/") and isinstance(hit["weak"], bool)
+        dated = c.get("/api/search", params={"sort": "date", "k": 3, "camera": "canon"}).json()
+        assert [h["name"] for h in dated["results"]] == ["c5.jpg", "c4.jpg", "c3.jpg"] and dated["total"] == 6
+        posted = c.post("/api/search", json={"q": "a red circle", "k": 3, "in": ["scans"], "format": ["png"]}).json()
+        assert {h["folder"] for h in posted["results"]} == {"scans"}
+        bad = c.get("/api/search", params={"q": "x", "after": "yesterday"})
+        assert bad.status_code == 422 and "not an ISO date" in bad.text
+        info = c.get("/api/info").json()
+        assert info["images"] == 18 and {"name": "2021", "count": 6} in info["folders"] and info["examples"]
+        assert c.get(f"/api/image/{hit['id']}/info").json()["width"] == 64
+        assert c.get("/api/image/999999/info").status_code == 404
+        # a new build of the index is served without a restart
+        shutil.copy(library / "2021" / "c0.jpg", library / "2021" / "copy.jpg")
+        build_index(library, tiny_model, indexed, num_workers=0, progress=False)
+        time.sleep(1.1)
+        assert c.get("/api/info").json()["images"] == 19
+        assert c.get("/health").json()["images"] == 19

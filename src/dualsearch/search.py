@@ -89,6 +89,7 @@ class Searcher:
         self._model = None
         self._local = threading.local()
         self._local.catalog = catalog
+        self._catalog_folder = catalog.path.parent
         self._catalogs = [catalog]
         self.text_encoder = load_text_encoder(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"])
         self.calibration = load_calibration(folder, manifest)
@@ -98,7 +99,7 @@ class Searcher:
         """This thread's read-only catalog connection (opened on first use in a thread)."""
         cat = getattr(self._local, "catalog", None)
         if cat is None:
-            cat = self._local.catalog = Catalog(self.folder, readonly=True)
+            cat = self._local.catalog = Catalog(self._catalog_folder, readonly=True)
             with self.lock:
                 self._catalogs.append(cat)
         return cat
@@ -210,11 +211,13 @@ class Searcher:
             r.z, r.weak = round(float(zi), 3), bool(zi < floor)
 
     def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = (), where: PhotoFilter | None = None,
-                      offset: int = 0, sort: str = "score") -> Page:
+                      offset: int = 0, sort: str = "score", collapse: bool = False) -> Page:
         """A page of the indexed images nearest to the unit query vector ``q [D]`` among those
         that pass ``where``, leaving out the ids in ``exclude``: ``k`` results from ``offset``.
         ``sort="score"``: best first, ``total`` every image that passes; ``sort="date"``: the best
-        :data:`DATE_CANDIDATES` matches that are not weak, newest first. ``k`` below 1 counts as 1;
+        :data:`DATE_CANDIDATES` matches that are not weak, newest first. ``collapse``: one result
+        per group of near-duplicates (:mod:`dualsearch.index.duplicates`), with the group's size
+        in ``duplicates``; ``total`` then counts groups among the ranked window. ``k`` below 1 counts as 1;
         pages inside a window of :data:`PAGE_WINDOW` results are stable. Raises
         :class:`QueryError` for a ``k``/``offset`` that is not a whole number or an unknown sort,
         ``CatalogError`` for a filter on an index without metadata."""
@@ -233,6 +236,10 @@ class Searcher:
         else:
             fetch = min(passing, -(-(offset + k) // PAGE_WINDOW) * PAGE_WINDOW)
             ranked, total = self._ranked(q, fetch, allowed, skip), passing
+        if collapse:
+            complete = sort == "date" or len(ranked) >= passing  # the window held every passing image
+            ranked = self._collapsed(ranked)
+            total = len(ranked) if complete else total  # else: an upper bound
         page = ranked[offset:offset + k]
         self._attach_metadata(page)
         return Page(page, total, offset)
@@ -259,7 +266,8 @@ class Searcher:
 
     def search_page(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
                     add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None,
-                    where: PhotoFilter | None = None, offset: int = 0, sort: str = "score") -> Page:
+                    where: PhotoFilter | None = None, offset: int = 0, sort: str = "score",
+                    collapse: bool = False) -> Page:
         """Text and/or image query, plus extra positive (``add``) and negative (``subtract``)
         texts, and/or an indexed image's id (more like this), among the images that pass
         ``where``: one page (see :meth:`search_vector`). With no query at all and
@@ -271,7 +279,7 @@ class Searcher:
         images = [(image, image_weight)] if image is not None else []
         vectors = [(self.id_vector(like_id), 1.0)] if like_id is not None else []
         q = self.combine(texts, images, vectors)
-        return self.search_vector(q, k, [like_id] if like_id is not None else [], where, offset, sort)
+        return self.search_vector(q, k, [like_id] if like_id is not None else [], where, offset, sort, collapse)
 
     def search(self, text: str | None = None, k: int = 9, **kwargs) -> list[Result]:
         """:meth:`search_page`'s results (the first ``k`` unless ``offset`` is given)."""

@@ -17,20 +17,24 @@ import math
 import mimetypes
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, StrictInt, field_validator
+from swagger_ui_bundle import swagger_ui_path
 
 from ..data.images import ImageLoadError, is_uri, load_image, stored_source
 from ..data.records import ImageRef, display_name
-from ..search import QueryError, Result, Searcher
+from ..index.catalog import CatalogError, PhotoFilter
+from ..search import Page, QueryError, Result, Searcher
 from .ids import parse_id
+from .live import LiveSearcher
 from .middleware import BodyLimit, HeadAsGet, InternalErrors
 from .thumbs import THUMB_SIZE, Thumbnails, make_thumbnail
 
@@ -47,14 +51,57 @@ class Hit(BaseModel):
     name: str
     thumb: str
     image: str
+    path: str = Field("", description="relative to the indexed root when under it")
+    folder: str = Field("", description="the folder of path")
+    weak: bool | None = Field(None, description="below the index's calibrated relevance floor (no good match)")
+    z: float | None = Field(None, description="standard deviations above the query's gallery mean")
+    duplicates: int = Field(1, description="near-identical images this hit stands for (collapse)")
+    date: str | None = Field(None, description="date taken, ISO 8601 local time")
+    date_source: str | None = Field(None, description="exif or mtime")
+    date_offset: str | None = Field(None, description="UTC offset the camera recorded")
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    camera: str | None = None
+    lat: float | None = None
+    lon: float | None = None
 
 
 class SearchResponse(BaseModel):
     query: str
     results: list[Hit]
+    total: int = Field(0, description="results one can page through with offset")
+    offset: int = 0
 
 
-class CombinedQuery(BaseModel):
+class Filters(BaseModel):
+    """Filters and paging shared by every search route."""
+
+    offset: int = Field(0, ge=0, le=100_000)
+    sort: Literal["score", "date"] = "score"
+    collapse: bool = Field(False, description="one image per group of near-duplicates")
+    folders: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=32, alias="in")
+    glob: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32)
+    after: str | None = Field(None, max_length=32, description="taken on or after (YYYY-MM-DD)")
+    before: str | None = Field(None, max_length=32, description="taken before (YYYY-MM-DD)")
+    camera: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=32)
+    format: list[Annotated[str, Field(max_length=32)]] = Field(default_factory=list, max_length=32)
+    min_width: int | None = Field(None, ge=1)
+    min_height: int | None = Field(None, ge=1)
+
+    model_config = {"populate_by_name": True}
+
+    def where(self) -> PhotoFilter | None:
+        try:
+            f = PhotoFilter(folders=tuple(self.folders), globs=tuple(self.glob), after=self.after,
+                            before=self.before, cameras=tuple(self.camera), formats=tuple(self.format),
+                            min_width=self.min_width, min_height=self.min_height)
+        except CatalogError as e:
+            raise HTTPException(422, str(e)) from e
+        return f or None
+
+
+class CombinedQuery(Filters):
     q: str | None = Field(None, max_length=1000, description="text query")
     add: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32,
                                                               description="texts that pull results toward them")
@@ -75,23 +122,41 @@ class CombinedQuery(BaseModel):
         return value
 
 
-def hits(results: list[Result]) -> list[Hit]:
-    """API hits: a WebDataset member shows its own name, not its shard's; a name that is not
+def _relative(path: str, root: str) -> str:
+    inner = path.rsplit("::", 1)[-1] if "::" in path and "://" not in path else path
+    if root and path.startswith(root.rstrip("/") + "/"):
+        return display_name(path[len(root.rstrip("/")) + 1:])
+    return display_name(inner)
+
+
+def hit(r: Result, root: str = "") -> Hit:
+    """An API hit: a WebDataset member shows its own name, not its shard's; a name that is not
     valid UTF-8 (bytes ``caf\\xe9.jpg`` on Linux) is shown escaped (``caf\\udce9.jpg``)."""
-    return [Hit(id=r.id, score=round(r.score, 6), name=display_name(Path(r.path.rsplit("::", 1)[-1]).name),
-                thumb=f"/thumb/{r.id}", image=f"/image/{r.id}") for r in results]
+    m = r.meta
+    rel = _relative(r.path, root)
+    camera = " ".join(x for x in (m.get("camera_make"), m.get("camera_model")) if x) or None
+    return Hit(id=r.id, score=round(r.score, 6), name=display_name(Path(r.path.rsplit("::", 1)[-1]).name),
+               thumb=f"/thumb/{r.id}", image=f"/image/{r.id}", path=rel, folder=str(Path(rel).parent).strip("."),
+               weak=r.weak, z=r.z, duplicates=r.duplicates, date=m.get("taken"), date_source=m.get("date_source"),
+               date_offset=m.get("taken_offset"), width=m.get("width"), height=m.get("height"),
+               format=m.get("format"), camera=camera, lat=m.get("lat"), lon=m.get("lon"))
+
+
+def hits(results: list[Result], root: str = "") -> list[Hit]:
+    return [hit(r, root) for r in results]
 
 
 class Sources:
     """What an id shows: a file, a WebDataset member or an http(s) URI; 404 for an unknown id,
     not an id (:func:`parse_id`), a file gone, or one outside the collection (a symlink out of it)."""
 
-    def __init__(self, searcher: Searcher):
-        self.searcher = searcher
-        self.root = os.path.realpath(searcher.manifest.get("images_root") or "/nonexistent")
+    def __init__(self, live: LiveSearcher):
+        self.live = live
 
     def __call__(self, image_id: int) -> str | ImageRef:
-        path = self.searcher.path_for(parse_id(image_id))
+        searcher = self.live()
+        root = os.path.realpath(searcher.manifest.get("images_root") or "/nonexistent")
+        path = searcher.path_for(parse_id(image_id))
         if path is None:
             raise HTTPException(404, "no such image")
         if is_uri(path):
@@ -103,55 +168,98 @@ class Sources:
         except ImageLoadError as e:
             raise HTTPException(404, "no such image") from e
         real = os.path.realpath(src.path if isinstance(src, ImageRef) else src)
-        if os.path.commonpath([real, self.root]) != self.root or not os.path.isfile(real):
+        if os.path.commonpath([real, root]) != root or not os.path.isfile(real):
             raise HTTPException(404, "no such image")
         return ImageRef(real, src.member, src.offset, src.size) if isinstance(src, ImageRef) else real
 
 
-def _search_routes(app: FastAPI, searcher: Searcher, sources: Sources, max_k: int, max_upload_bytes: int) -> None:
+def _answer(searcher: Searcher, query: str, run) -> SearchResponse:
+    """Run ``run()`` (-> a :class:`Page`) with the search errors as HTTP errors."""
+    try:
+        page: Page = run()
+    except QueryError as e:
+        raise HTTPException(422, str(e)) from e
+    except CatalogError as e:  # a filter on an index without metadata
+        raise HTTPException(422, str(e)) from e
+    root = searcher.manifest.get("images_root") or ""
+    return SearchResponse(query=query, results=hits(page.results, root), total=page.total, offset=page.offset)
+
+
+def _search_routes(app: FastAPI, live: LiveSearcher, sources: Sources, max_k: int, max_upload_bytes: int) -> None:
     def check_k(k: int) -> int:
         if k > max_k:
             raise HTTPException(422, f"k is at most {max_k}")
         return k
 
     @app.get("/api/search", response_model=SearchResponse)
-    def search_text(q: str = Query(..., min_length=1, max_length=1000), k: int = Query(9, ge=1)):
-        return SearchResponse(query=q, results=hits(searcher.search(q, k=check_k(k))))
+    def search_text(f: Annotated[Filters, Query()], q: str = Query("", max_length=1000), k: int = Query(9, ge=1)):
+        if not q and f.sort != "date":
+            raise HTTPException(422, "give q (text), or sort=date to list images newest first")
+        s = live()
+        return _answer(s, q, lambda: s.search_page(q or None, k=check_k(k), where=f.where(), offset=f.offset,
+                                                   sort=f.sort, collapse=f.collapse))
 
     @app.post("/api/search", response_model=SearchResponse)
     def search_combined(body: CombinedQuery):
         check_k(body.k)
+        s = live()
         like_id = None if body.like_id is None else parse_id(body.like_id)
-        if like_id is not None and searcher.path_for(like_id) is None:
+        if like_id is not None and s.path_for(like_id) is None:
             raise HTTPException(404, "no such image")
-        try:
-            res = searcher.search(body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=like_id)
-        except QueryError as e:
-            raise HTTPException(422, str(e)) from e
-        return SearchResponse(query=body.q or "", results=hits(res))
+        return _answer(s, body.q or "", lambda: s.search_page(
+            body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=like_id, where=body.where(),
+            offset=body.offset, sort=body.sort, collapse=body.collapse))
 
     @app.post("/api/search/image", response_model=SearchResponse)
-    def search_upload(file: UploadFile = File(...), k: int = Query(9, ge=1), q: str | None = None):
+    def search_upload(f: Annotated[Filters, Query()], file: UploadFile = File(...), k: int = Query(9, ge=1),
+                      q: str | None = None, image_weight: float = Query(1.0, ge=-10, le=10)):
         # sync: decoding, the first image query's model load and the search run in a worker thread
         check_k(k)
+        s = live()
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than {max_upload_bytes} bytes")
         try:
-            img = load_image(data, target_size=searcher.image_size)
+            img = load_image(data, target_size=s.image_size)
         except ImageLoadError as e:
             raise HTTPException(400, f"{file.filename}: {e.reason}") from e
-        return SearchResponse(query=q or "", results=hits(searcher.search(q, k=k, image=img)))
+        return _answer(s, q or "", lambda: s.search_page(q, k=k, image=img, image_weight=image_weight,
+                                                         where=f.where(), offset=f.offset, sort=f.sort,
+                                                         collapse=f.collapse))
 
     @app.get("/api/similar/{image_id}", response_model=SearchResponse)
-    def similar(image_id: str, k: int = Query(9, ge=1)):
+    def similar(image_id: str, f: Annotated[Filters, Query()], k: int = Query(9, ge=1)):
         vector_id = parse_id(image_id)
         sources(vector_id)
+        s = live()
         try:
-            res = searcher.search(k=check_k(k), like_id=vector_id)
-        except QueryError as e:
-            raise HTTPException(404, str(e)) from e
-        return SearchResponse(query="", results=hits(res))
+            return _answer(s, "", lambda: s.search_page(k=check_k(k), like_id=vector_id, where=f.where(),
+                                                        offset=f.offset, sort=f.sort, collapse=f.collapse))
+        except HTTPException as e:
+            if "no indexed image" in str(e.detail):
+                raise HTTPException(404, e.detail) from e
+            raise
+
+    _library_routes(app, live, sources)
+
+
+def _library_routes(app: FastAPI, live: LiveSearcher, sources: Sources) -> None:
+    @app.get("/api/info")
+    def info() -> dict:
+        """What the index holds: image count, model, date range, folders, cameras, formats, and
+        example queries."""
+        return live().info()
+
+    @app.get("/api/image/{image_id}/info", response_model=Hit)
+    def image_info(image_id: str):
+        vector_id = parse_id(image_id)
+        sources(vector_id)
+        s = live()
+        meta = s.catalog.metadata_for([vector_id]).get(vector_id)
+        if meta is None:
+            raise HTTPException(404, "no such image")
+        path = meta.pop("path")
+        return hit(Result(path, 0.0, vector_id, meta=meta), s.manifest.get("images_root") or "")
 
 
 def _image_routes(app: FastAPI, sources: Sources, thumbs: Thumbnails) -> None:
@@ -200,12 +308,14 @@ def invalid_request(_, exc: RequestValidationError) -> JSONResponse:
 
 
 def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 * 2**20,
-               cors_origins: list[str] | None = None) -> FastAPI:
+               cors_origins: list[str] | None = None, reload: bool = False) -> FastAPI:
     """The FastAPI app over one open :class:`Searcher`: search API, image/thumbnail serving by
     id, the search page. ``max_k`` caps results per request; uploads over ``max_upload_bytes``
     get 413 (checked as the body streams in); the thumbnail cache is ``searcher.folder/thumbs``
-    (thumbnails are made in memory when it cannot be written)."""
-    app = FastAPI(title="dualsearch", description="Natural-language image search over one index.", version="1")
+    (thumbnails are made in memory when it cannot be written). ``reload``: swap to a newer build
+    of the index between requests (:mod:`.live`)."""
+    app = FastAPI(title="dualsearch", description="Natural-language image search over one index.", version="1",
+                  docs_url=None, redoc_url=None)  # /docs is served by _page_routes, without a CDN
     # the last added is outermost: HEAD -> CORS -> JSON 500s -> body limit -> routes
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes)
     app.add_middleware(InternalErrors)
@@ -213,21 +323,39 @@ def create_app(searcher: Searcher, max_k: int = 100, max_upload_bytes: int = 10 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "HEAD", "POST"])
     app.add_middleware(HeadAsGet)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    sources = Sources(searcher)
+    live = LiveSearcher(searcher, reload=reload)
+    sources = Sources(live)
+    app.state.live = live
 
     @app.get("/health")
     async def health() -> dict:  # on the event loop: answers while worker threads are busy searching
-        return {"status": "ok", "images": len(searcher)}
+        return {"status": "ok", "images": len(live.searcher)}
 
-    _search_routes(app, searcher, sources, max_k, max_upload_bytes)
+    _search_routes(app, live, sources, max_k, max_upload_bytes)
     _image_routes(app, sources, Thumbnails(lambda: searcher.folder / "thumbs"))
 
-    @app.get("/")
+    _page_routes(app)
+    return app
+
+
+def _page_routes(app: FastAPI) -> None:
+    """The search page (``/``, its files under ``/static``) and the API docs (``/docs``): Swagger UI
+    with its assets from the installed ``swagger-ui-bundle-v2`` package under ``/docs-assets``, so
+    both work with no internet (no CDN)."""
+    @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
 
 
 def serve(index: str, host: str = "127.0.0.1", port: int = 8765, cors_origins: list[str] | None = None,
@@ -236,6 +364,6 @@ def serve(index: str, host: str = "127.0.0.1", port: int = 8765, cors_origins: l
     import uvicorn
 
     searcher = Searcher.open(index)
-    app = create_app(searcher, max_k=max_k, cors_origins=cors_origins)
+    app = create_app(searcher, max_k=max_k, cors_origins=cors_origins, reload=True)
     print(f"serving {index} ({len(searcher)} images) on http://{host}:{port}/", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

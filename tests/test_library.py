@@ -260,3 +260,58 @@ def test_http_api_filters_pages_info_and_hot_swap(indexed, library, tiny_model):
         time.sleep(1.1)
         assert c.get("/api/info").json()["images"] == 19
         assert c.get("/health").json()["images"] == 19
+
+
+def write_dng(path: Path, rgb: Image.Image) -> None:
+    """A real DNG (pidng): a 12-bit RGGB Bayer mosaic sampled from ``rgb``, camera "TestCam X1"."""
+    from pidng.core import RAW2DNG, DNGTags, Tag
+    from pidng.defs import (
+        CalibrationIlluminant,
+        CFAPattern,
+        DNGVersion,
+        Orientation,
+        PhotometricInterpretation,
+        PreviewColorSpace,
+    )
+
+    a = np.asarray(rgb.convert("RGB"), dtype=np.uint16) * 16
+    h, w = a.shape[:2]
+    raw = np.empty((h, w), np.uint16)
+    raw[0::2, 0::2], raw[0::2, 1::2] = a[0::2, 0::2, 0], a[0::2, 1::2, 1]
+    raw[1::2, 0::2], raw[1::2, 1::2] = a[1::2, 0::2, 1], a[1::2, 1::2, 2]
+    t = DNGTags()
+    for tag, value in ((Tag.ImageWidth, w), (Tag.ImageLength, h), (Tag.TileWidth, w), (Tag.TileLength, h),
+                       (Tag.Orientation, Orientation.Horizontal), (Tag.SamplesPerPixel, 1), (Tag.BitsPerSample, 12),
+                       (Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array),
+                       (Tag.CFARepeatPatternDim, [2, 2]), (Tag.CFAPattern, CFAPattern.RGGB), (Tag.BlackLevel, 0),
+                       (Tag.WhiteLevel, 4095), (Tag.Make, "TestCam"), (Tag.Model, "X1"),
+                       (Tag.DNGVersion, DNGVersion.V1_4), (Tag.DNGBackwardVersion, DNGVersion.V1_2),
+                       (Tag.PreviewColorSpace, PreviewColorSpace.sRGB),
+                       (Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]]),
+                       (Tag.CalibrationIlluminant1, CalibrationIlluminant.D65),
+                       (Tag.AsShotNeutral, [[1, 1], [1, 1], [1, 1]])):
+        t.set(tag, value)
+    conv = RAW2DNG()
+    conv.options(t, path=str(path.parent), compress=False)
+    conv.convert(raw, filename=path.stem)
+
+
+def test_camera_raw_is_indexed_through_rawpy(tmp_path, shapes_data, tiny_model, monkeypatch):
+    import dualsearch.data.images as images
+
+    _, root = shapes_data
+    src = sorted((root / "images").glob("*.jpg"))[0]
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    write_dng(folder / "IMG_0001.dng", Image.open(src).resize((96, 64)))
+    img = images.load_image(str(folder / "IMG_0001.dng"))
+    assert img.mode == "RGB" and img.size == (48, 32)  # no embedded preview: LibRaw's half-size demosaic
+    centre = np.asarray(img)[8:24, 12:36].mean((0, 1))
+    assert centre.max() > 20  # a picture, not black
+    m = read_metadata(str(folder / "IMG_0001.dng"))
+    assert (m.format, m.width, m.height) == ("DNG", 96, 64)
+    report = build_index(folder, tiny_model, tmp_path / "i", num_workers=0, progress=False)
+    assert (report.added, report.skipped) == (1, [])
+    monkeypatch.setattr(images, "raw_available", lambda: False)  # an install without the formats extra
+    with pytest.raises(images.ImageLoadError, match=r"camera RAW needs the formats extra.*rawpy"):
+        images.load_image(str(folder / "IMG_0001.dng"))

@@ -23,6 +23,8 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
+from .images import is_raw_name, raw_available
+
 log = logging.getLogger(__name__)
 
 EXIF_IFD, GPS_IFD = 0x8769, 0x8825
@@ -120,15 +122,33 @@ def _exif_fields(img: Image.Image, meta: PhotoMetadata) -> None:
     meta.lat, meta.lon = _gps(exif)
 
 
+def _raw_fields(path: str, meta: PhotoMetadata) -> None:
+    """A camera RAW's format (its extension: ``DNG``, ``NEF``, ...) and sensor size (LibRaw);
+    its EXIF is read by Pillow where the RAW is TIFF-based (DNG, NEF, CR2, ARW, ...)."""
+    meta.format = os.path.splitext(path)[1].lstrip(".").upper()
+    if not raw_available():
+        return
+    import rawpy
+
+    try:
+        with rawpy.imread(path) as raw:
+            meta.width, meta.height = int(raw.sizes.width), int(raw.sizes.height)
+    except (rawpy.LibRawError, OSError) as e:
+        log.debug("%s: no RAW sizes (%s)", path, e)
+
+
 def read_metadata(source: str | bytes, mtime_ns: int | None = None) -> PhotoMetadata:
     """The metadata of one image file (a path) or of its bytes. Reads the header only (no pixel
     decoding). ``mtime_ns`` (the file's modification time in ns; stat'ed for a path when None)
     dates a photo without an EXIF date. Never raises for a damaged or missing file: what could
     be read is returned (possibly nothing but the mtime date)."""
     meta = PhotoMetadata()
+    if isinstance(source, str) and is_raw_name(source):
+        _raw_fields(source, meta)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            meta.width, meta.height, meta.format = img.width, img.height, img.format
+            if meta.format is None:  # a TIFF-based RAW opens as its first IFD: keep LibRaw's figures
+                meta.width, meta.height, meta.format = img.width, img.height, img.format
             try:
                 _exif_fields(img, meta)
             except Exception as e:  # damaged EXIF: size and format are still good

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ...storage import os_reason
-from ..images import HEIF_EXTENSIONS, register_plugins
+from ..images import HEIF_EXTENSIONS, RAW_EXTENSIONS, register_plugins
 from ..records import ImageRef, SkipLog
 from .base import CaptionDataset, DataError, Format, finish
 
@@ -40,8 +40,8 @@ def image_extensions() -> frozenset[str]:
     decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _NOT_DECODED and not stub(factory)}
     exts = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
     # multi-picture JPEGs open through the JPEG plugin; HEIF is listed even without its plugin, so that
-    # phone photos are skipped with a reason naming the extra instead of vanishing
-    return frozenset(exts | {".mpo", *HEIF_EXTENSIONS})
+    # phone photos are skipped with a reason naming the extra instead of vanishing; camera RAW likewise
+    return frozenset(exts | {".mpo", *HEIF_EXTENSIONS, *RAW_EXTENSIONS})
 
 
 def is_image_name(name: str) -> bool:

@@ -315,3 +315,33 @@ def test_camera_raw_is_indexed_through_rawpy(tmp_path, shapes_data, tiny_model, 
     monkeypatch.setattr(images, "raw_available", lambda: False)  # an install without the formats extra
     with pytest.raises(images.ImageLoadError, match=r"camera RAW needs the formats extra.*rawpy"):
         images.load_image(str(folder / "IMG_0001.dng"))
+
+
+def test_collapse_duplicates_shows_one_per_group(tmp_path, tiny_model, capsys):
+    """20 distinct vectors (random in 16-d: cosines near 0) and 2 near-copies of the first
+    (cosine > 0.999, as a re-encoded copy of a photo)."""
+    from dualsearch.index.build import index_vectors
+
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(20, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    copies = vecs[0] + rng.normal(scale=0.01, size=(2, 16)).astype(np.float32)
+    paths = [str(tmp_path / f"img{i:02d}.jpg") for i in range(22)]
+    out = tmp_path / "dups"
+    index_vectors(out, tiny_model, paths, np.vstack([vecs, copies]), kind="flat", images_root=str(tmp_path))
+    s = Searcher.open(out)
+    try:
+        q = vecs[0]
+        plain = s.search_vector(q, k=22)
+        folded = s.search_vector(q, k=22, collapse=True)
+        assert {Path(r.path).name for r in plain.results[:3]} == {"img00.jpg", "img20.jpg", "img21.jpg"}
+        top = folded.results[0]
+        assert top.duplicates == 3 and Path(top.path).name in ("img00.jpg", "img20.jpg", "img21.jpg")
+        assert len(folded.results) == 20 and folded.total == 20 and sum(r.duplicates for r in folded.results) == 22
+        second = s.search_vector(q, k=5, offset=5, collapse=True)
+        assert [r.id for r in second.results] == [r.id for r in folded.results[5:10]]
+    finally:
+        s.close()
+    assert main(["-q", "search", str(out), "two red triangles", "-k", "30", "--collapse-duplicates", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 20 and max(h["duplicates"] for h in hits) == 3

@@ -61,11 +61,13 @@ class Result:
 @dataclass
 class Page:
     """One page of results: ``results`` (best first, or newest first when sorted by date),
-    ``total`` (how many results one can page through with ``offset``), ``offset``."""
+    ``total`` (how many results one can page through with ``offset``), ``offset``; ``ranked``
+    is False for a timeline (no query, so no scores)."""
 
     results: list[Result]
     total: int
     offset: int = 0
+    ranked: bool = True  # False for a timeline (no query: no scores)
 
 
 SORTS = ("score", "date")
@@ -244,6 +246,22 @@ class Searcher:
         self._attach_metadata(page)
         return Page(page, total, offset)
 
+    def _collapsed(self, ranked: list[Result]) -> list[Result]:
+        """One result per group of near-duplicates (:func:`dualsearch.index.duplicates.collapse`),
+        ``duplicates`` set to the group's size among ``ranked``."""
+        from .index.duplicates import collapse
+
+        if not ranked:
+            return ranked
+        by_id = {r.id: r for r in ranked}
+        groups = collapse(np.array([r.id for r in ranked]), np.array([r.score for r in ranked]), self._vectors)
+        out = []
+        for g in groups:
+            r = by_id[g.id]
+            r.duplicates = g.count
+            out.append(r)
+        return out
+
     def _by_date(self, results: list[Result]) -> list[Result]:
         dates = self.catalog.dates_for([r.id for r in results])
         return sorted(results, key=lambda r: (dates.get(r.id) or "", r.score, -r.id), reverse=True)
@@ -262,7 +280,7 @@ class Searcher:
         paths = self.catalog.paths_for(ids)
         page = [Result(paths[i], 0.0, int(i)) for i in ids if i in paths]
         self._attach_metadata(page)
-        return Page(page, total, offset)
+        return Page(page, total, offset, ranked=False)
 
     def search_page(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
                     add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None,

@@ -35,7 +35,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     try:
         page = searcher.search_page(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
                                     add=args.add or (), subtract=args.subtract or (), where=photo_filter(args),
-                                    offset=args.offset, sort=args.sort)
+                                    offset=args.offset, sort=args.sort, collapse=args.collapse_duplicates)
     finally:
         searcher.close()
     print_results(page, args)
@@ -53,13 +53,16 @@ def print_results(page, args: argparse.Namespace) -> None:
             print(r.path)
     elif args.json:
         print(json.dumps([{"path": r.path, "score": round(r.score, 6), "id": r.id, "weak": r.weak, "z": r.z,
-                           **r.meta} for r in results]))
+                           "duplicates": r.duplicates, **r.meta} for r in results]))
     else:
         print(f"{'rank':>4}  {'score':>7}  {'match':<5}  {'taken':<10}  path")
         for i, r in enumerate(results, page.offset + 1):
             match = "weak" if r.weak else ("" if r.weak is None else "good")
             taken = (r.meta.get("taken") or "")[:10]
-            print(f"{i:>4}  {r.score:7.4f}  {match:<5}  {taken:<10}  {r.path}")
+            copies = f"  (+{r.duplicates - 1} near-duplicate{'s' if r.duplicates > 2 else ''})" \
+                if r.duplicates > 1 else ""
+            score = f"{r.score:7.4f}" if page.ranked else f"{'-':>7}"
+            print(f"{i:>4}  {score}  {match:<5}  {taken:<10}  {r.path}{copies}")
         shown = f"{page.offset + 1}-{page.offset + len(results)}" if results else "none"
         print(f"results {shown} of {page.total}" + ("; 'weak': no better than the best match of an unrelated "
                                                     "query on this index" if any(r.weak for r in results) else ""),
@@ -128,6 +131,8 @@ def register(sub) -> None:
                      help='print [{"path": .., "score": .., "id": .., "weak": .., "taken": .., ...}, ...]')
     out.add_argument("--paths", action="store_true", help="print the paths only, one per line (for xargs)")
     p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
+    p.add_argument("--collapse-duplicates", action="store_true",
+                   help="show one image per group of near-identical copies, with how many it stands for")
     add_filter_args(p)
     p.set_defaults(func=cmd_search)
 

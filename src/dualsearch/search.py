@@ -21,6 +21,7 @@ import numpy as np
 
 from .data.images import load_image, load_stored
 from .data.records import display_name
+from .encode.batching import MicroBatcher
 from .encode.onnx_encoders import load_text_encoder
 from .errors import DualsearchError
 from .index import ann
@@ -94,6 +95,9 @@ class Searcher:
         self._catalog_folder = catalog.path.parent
         self._catalogs = [catalog]
         self.text_encoder = load_text_encoder(folder / TEXT_ENCODER_DIR, manifest["model"]["hash"])
+        # concurrent text queries are encoded together (no waiting window: a lone query goes straight through)
+        self._text_batcher = (MicroBatcher(lambda texts: self.text_encoder.embed(texts))
+                              if self.text_encoder is not None else None)
         self.calibration = load_calibration(folder, manifest)
 
     @property
@@ -161,8 +165,8 @@ class Searcher:
 
     # ------------------------------------------------------------------ query vectors
     def text_vector(self, text: str) -> np.ndarray:
-        if self.text_encoder is not None:
-            return self.text_encoder.embed([text])[0]
+        if self._text_batcher is not None:
+            return self._text_batcher(text)
         return self.model.embed_texts([text])[0]
 
     def image_vector(self, image) -> np.ndarray:
@@ -314,6 +318,8 @@ class Searcher:
                 "weak_floor": self.calibration is not None}
 
     def close(self) -> None:
+        if self._text_batcher is not None:
+            self._text_batcher.close()
         with self.lock:
             for cat in self._catalogs:
                 try:

@@ -125,7 +125,9 @@ def test_pages_sort_and_weak_marks(indexed):
         assert all(p.total == 18 for p in pages) and len(pages[-1].results) == 3
         assert all(r.weak is not None and r.z is not None for r in whole.results)
         manifest = json.loads((indexed / "manifest.json").read_text())
-        assert manifest["calibration"]["bank"] >= 40 and manifest["examples"]
+        assert manifest["calibration"]["bank"] >= 40
+        model_config = json.loads((Path(manifest["model"]["path"]) / "config.json").read_text())
+        assert manifest["examples"] == model_config["example_queries"][:8] and len(manifest["examples"]) >= 4
         by_date = s.search_page("a blue square", k=18, sort="date")
         dates = [r.meta["taken"] for r in by_date.results]
         assert dates == sorted(dates, reverse=True) and not any(r.weak for r in by_date.results)

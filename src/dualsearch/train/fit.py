@@ -31,6 +31,7 @@ import torch
 from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
+from ..encode.features import fill_image_prior
 from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
 from ..storage import atomic_path, write_text
@@ -171,7 +172,10 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
-    model = init_model or DualEncoder(mcfg)
+    model = init_model
+    if model is None:  # a prior's class-name features come through the feature cache
+        model = DualEncoder(mcfg, fill_prior=False)
+        fill_image_prior(model, cache_dir if use_cache else None)
     cached = (use_cache and model.image_tower.is_frozen and not tcfg.augment,
               use_cache and model.text_tower.is_frozen)
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
@@ -190,7 +194,8 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
         folder = None
         if out is not None:
             folder = model.save(out, extra={"train": to_dict(tcfg), "data": {
-                "train_images": len(train), "val_images": len(val), **(extra or {})}})
+                "train_images": len(train), "val_images": len(val), **(extra or {})},
+                "example_queries": example_queries(train)})
             model.folder = folder
             write_history(history, folder)
     result = FitResult(model, folder, history, outcome.best)
@@ -199,6 +204,18 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     if outcome.stopped_in is not None:
         _raise_interrupted(result, outcome)
     return result
+
+
+def example_queries(records, n: int = 8) -> list[str]:
+    """Up to ``n`` short captions spread evenly over the training records: the example queries an
+    index built with this model offers on its search page (``/api/info``)."""
+    step = max(1, len(records) // (4 * n))
+    seen: dict[str, None] = {}
+    for r in records[::step]:
+        for caption in r.captions[:1]:
+            if len(caption) <= 60:
+                seen.setdefault(caption)
+    return list(seen)[:n]
 
 
 def _raise_nothing_written(outcome: _Outcome) -> None:

@@ -15,7 +15,7 @@ import sys
 from .. import __version__
 from ..errors import DualsearchError
 from ..logs import setup_logging
-from . import data, index, search, train
+from . import data, index, library, search, train
 from .common import CommandParser, HelpFormatter, safe_output
 
 log = logging.getLogger("dualsearch")
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
-    for module in (data, train, index, search):
+    for module in (data, train, index, search, library):
         module.register(sub)
     return parser
 

@@ -99,6 +99,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def cosine(text: str) -> float:
+    """A cosine similarity threshold in (0, 1]. Raises :class:`argparse.ArgumentTypeError`."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a cosine in (0, 1], got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A probability in [0, 1) (a held-out fraction). Raises :class:`argparse.ArgumentTypeError`."""
     value = _float(text)

@@ -313,9 +313,9 @@ VectorGetter = Callable[[np.ndarray], np.ndarray]
 """``ids [m] int64 -> vectors [m, D] float32`` in the order asked (e.g. read from the catalog)."""
 
 # allowed sets up to this many ids, or this fraction of the index, are scored exactly (see :func:`search`)
-EXACT_MAX = {"flat": 0, "hnsw": 2000, "ivf": 500}
-EXACT_FRACTION = {"flat": 0.0, "hnsw": 0.01, "ivf": 0.0}
-WIDEN_POWER = {"hnsw": 1.0, "ivf": 0.5}  # first try: efSearch x (1/s)**p, nprobe x (1/s)**p (s: selectivity)
+EXACT_MAX = {"flat": 0, "hnsw": 4000, "ivf": 1000}
+EXACT_FRACTION = {"flat": 0.0, "hnsw": 0.01, "ivf": 0.005}
+WIDEN_POWER = {"hnsw": 0.5, "ivf": 0.5}  # first try: efSearch x (1/s)**p, nprobe x (1/s)**p (s: selectivity)
 WIDEN_STEP = 4  # then x4 for the queries still short of results, up to
 WIDEN_STEPS = 3  # this many times before scoring those queries exactly
 BITMAP_MAX_SPARSITY = 64  # a bitmap selector while the largest id is below 64x the number allowed
@@ -341,10 +341,11 @@ def _ivf_params(ivf, sel, nprobe: int):
     return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe, quantizer_params=qparams)
 
 
-def _filter_params(index: faiss.Index, sel, widen: float) -> tuple[object, bool]:
+def _filter_params(index: faiss.Index, sel, widen: float, min_ef: float = 0) -> tuple[object, bool]:
     """Search parameters that apply ``sel`` (over external ids) to ``index``, with efSearch or
-    nprobe ``widen`` times the index's current settings (:func:`set_params`); and whether they
-    are the widest there are (every list probed, or efSearch at the index size).
+    nprobe ``widen`` times the index's current settings (:func:`set_params`), efSearch at least
+    ``min_ef``; and whether they are the widest there are (every list probed, or efSearch at the
+    index size).
 
     ``IndexIDMap2.search`` translates a selector in the top-level parameters to its internal ids,
     but ``IndexRefine`` passes only its ``base_index_params`` down, and their selector is not
@@ -352,7 +353,7 @@ def _filter_params(index: faiss.Index, sel, widen: float) -> tuple[object, bool]
     inner = faiss.downcast_index(_inner(index))
     widen = max(1.0, widen)
     if isinstance(inner, faiss.IndexHNSW):
-        ef = int(min(inner.hnsw.efSearch * widen, max(inner.ntotal, inner.hnsw.efSearch)))
+        ef = int(min(max(inner.hnsw.efSearch * widen, min_ef), max(inner.ntotal, inner.hnsw.efSearch)))
         return faiss.SearchParametersHNSW(sel=sel, efSearch=ef), ef >= inner.ntotal
     if isinstance(inner, faiss.IndexRefine):
         ivf = faiss.extract_index_ivf(inner.base_index)
@@ -385,7 +386,7 @@ def _reconstruct(index: faiss.Index, ids: np.ndarray) -> tuple[np.ndarray, np.nd
     and decoded in one call where the id map is sorted (ids added in order, as the catalog adds
     them): ~10x faster than FAISS's ``reconstruct_batch``, one id at a time through a hash map."""
     store = _code_store(index)
-    if store is not None and store.ntotal == index.ntotal:
+    if store is not None and store.ntotal == index.ntotal and hasattr(store.codes, "data"):
         id_map = (faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size())
                   if isinstance(index, faiss.IndexIDMap2) else np.arange(index.ntotal))
         pos = np.searchsorted(id_map, ids).clip(0, max(0, len(id_map) - 1))
@@ -440,14 +441,26 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray 
     the exact vectors of ids (else they are reconstructed from the index, IVF-PQ from its refine
     codes). Raises ``ANNError`` when an index that cannot reconstruct needs ``vectors``.
 
-    Strategy (figures: bench/filter_speed.py; FAISS's id selectors with ``SearchParameters*``):
-      - at most ``EXACT_MAX`` allowed ids, or ``EXACT_FRACTION`` of the index: exact search over
-        their vectors (:func:`exact_filtered`); cheaper than a graph walk or list scan that has to
-        pass over ~1/s rejected vectors for each one kept;
-      - else the ANN index with a selector, efSearch (HNSW) or nprobe (IVF) first widened by
-        ``(1/s) ** WIDEN_POWER`` for selectivity ``s`` so that recall@10 holds, then x``WIDEN_STEP``
-        for queries that got fewer than ``min(k, m)`` results, and finally exact search for those
-        still short; a flat index scans only the allowed vectors and is exact at once."""
+    Strategy, for selectivity ``s = m / ntotal`` (FAISS's id selectors with ``SearchParameters*``):
+      - ``m <= EXACT_MAX[kind]`` or ``s <= EXACT_FRACTION[kind]`` (HNSW: 4,000 ids or 1 %;
+        IVF-PQ: 1,000 ids or 0.5 %; flat: never): exact search over the allowed vectors
+        (:func:`exact_filtered`), which costs ~m while a graph walk or list scan must pass over ~1/s
+        rejected vectors for each one kept, and loses recall doing so;
+      - else the ANN index with an ``IDSelectorBitmap`` (a hash-set ``IDSelectorBatch`` where the
+        ids are sparse), efSearch (HNSW) or nprobe (IVF) first widened by ``(1/s) ** 0.5``
+        (``WIDEN_POWER``; HNSW's efSearch at least k/s), then x4 for queries that got fewer than
+        ``min(k, m)`` results, and exact search for those still short; a flat index scans only the
+        allowed vectors and is exact at once.
+    Measured (bench/filter_speed.py, clustered vectors, d=256, one query at a time on one thread of a
+    shared 2-core EPYC, recall@10 against brute-force filtered search), QPS (recall):
+      1M   HNSW unfiltered 309 (0.992) | 50 %: selector 195 (0.992) | 5 %: selector 125 (0.998),
+           exact 14 | 0.1 %: exact 646 (1.0), selector 7 (0.782)
+           IVF-PQ unfiltered 1,091 (0.99) | 50 %: selector 380 (0.994) | 5 %: selector 843 (0.999),
+           exact 14 | 0.1 %: exact 718 (1.0), selector 416 (0.687)
+      200k HNSW 1 %: exact 686 (1.0), selector 230 (0.923) | 5 %: selector 492 (0.999), exact 95
+           IVF-PQ 1 %: selector 977 (0.985), exact 510 | 0.1 %: exact 5,113, selector 912 (0.862)
+    The bitmap selector answered 3.3x (HNSW) and 8.9x (IVF-PQ) the QPS of ``IDSelectorBatch`` at
+    5 % of 1M and takes 0.3 ms to make (the hash set: 8-16 ms for 50,000 ids)."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     k = max(1, int(k))
     if allowed is None:
@@ -455,7 +468,9 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray 
             return _padded(len(queries), k)
         d, i = index.search(queries, min(k, index.ntotal))
         return _fill(d, i, k)
-    allowed = np.asarray(allowed, dtype=np.int64)
+    allowed = np.asarray(allowed, dtype=np.int64).ravel()
+    if len(allowed) > 1 and (np.diff(allowed) <= 0).any():  # unsorted or repeated: sort once
+        allowed = np.unique(allowed)
     m = len(allowed)
     if m == 0 or index.ntotal == 0:
         return _padded(len(queries), k)
@@ -483,10 +498,11 @@ def _selected(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarr
     need = min(k, len(allowed))
     kind = _kind_of(index)
     widen = (index.ntotal / len(allowed)) ** WIDEN_POWER.get(kind, 0.0)
+    min_ef = k * index.ntotal / len(allowed)  # a graph walk keeps ~s of the nodes it visits: k / s
     scores, ids = _padded(len(queries), k)
     rows = np.arange(len(queries))
     for _ in range(WIDEN_STEPS + 1):
-        params, widest = _filter_params(index, sel, widen)
+        params, widest = _filter_params(index, sel, widen, min_ef)
         d, i = index.search(queries[rows], min(k, index.ntotal), params=params)
         scores[rows], ids[rows] = _fill(d, i, k)
         rows = rows[(i >= 0).sum(axis=1) < need]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -98,14 +99,115 @@ def end_to_end(n: int = 100_000) -> list:
     return [n, built.kind, round(float(np.percentile(lat, 50)), 1), round(float(np.percentile(lat, 99)), 1)]
 
 
+def text_int8() -> list[list]:
+    """The default text tower's ONNX text encoder (MiniLM-L6 + head), fp32 against a dynamically
+    quantised INT8 copy (:func:`dualsearch.encode.quantize.quantize_text_dynamic`): one-query
+    latency (interleaved, 60 queries each) and the cosine of their embeddings."""
+    import tempfile
+    from pathlib import Path
+
+    from dualsearch.config import ModelConfig
+    from dualsearch.encode.export import export_text_encoder
+    from dualsearch.encode.onnx_encoders import OnnxTextEncoder
+    from dualsearch.encode.quantize import quantize_text_dynamic
+    from dualsearch.encode.runtime import ort_session
+    from dualsearch.model.dual_encoder import DualEncoder
+
+    folder = Path(tempfile.mkdtemp(prefix="text-int8-"))
+    export_text_encoder(DualEncoder(ModelConfig()).eval(), folder)
+    quantize_text_dynamic(folder / "text_encoder.onnx", folder / "text_encoder.int8.onnx")
+    fp32 = OnnxTextEncoder(folder)
+    int8 = OnnxTextEncoder(folder)
+    int8.session = ort_session(folder / "text_encoder.int8.onnx")
+    queries = ["a red circle", "two blue stars above a green square", "a dog on the beach in the snow",
+               "my bike leaning against a wall at night"] * 15
+    lat: dict = {"fp32": [], "int8": []}
+    for enc in (fp32, int8):
+        enc.embed(["warm up"])
+    for q in queries:
+        for name, enc in (("fp32", fp32), ("int8", int8)):
+            t0 = time.perf_counter()
+            enc.embed([q])
+            lat[name].append((time.perf_counter() - t0) * 1000)
+    a, b = fp32.embed(queries[:4]), int8.embed(queries[:4])
+    cos = float(np.mean(np.sum(a * b, axis=1)))
+    sizes = {n: (folder / f).stat().st_size / 2**20 for n, f in (("fp32", "text_encoder.onnx"),
+                                                                 ("int8", "text_encoder.int8.onnx"))}
+    return [[n, round(float(np.percentile(v, 50)), 2), round(float(np.percentile(v, 99)), 2), f"{sizes[n]:.0f} MiB",
+             "1" if n == "fp32" else f"{cos:.4f}"] for n, v in lat.items()]
+
+
+def startup(n: int = 1_000_000, runs: int = 5) -> list[list]:
+    """Cold start: `dualsearch search INDEX TEXT` (a fresh process, median of ``runs``) and the time
+    from starting `dualsearch serve INDEX` to its first answered /health, on an index of ``n``
+    clustered vectors (``--ann flat``: the largest file to read, 1 GiB at 1M; built once under
+    bench-out/) with the default model's text encoder."""
+    import shutil
+    import socket
+    import statistics
+    import subprocess
+    import urllib.request
+    from pathlib import Path
+
+    from _common import BENCH_DIR
+    from dualsearch.config import ModelConfig
+    from dualsearch.index.build import index_vectors
+    from dualsearch.model.dual_encoder import DualEncoder
+
+    model_dir, out = BENCH_DIR / "index-model", BENCH_DIR / f"startup-{n}"
+    if not (model_dir / "config.json").is_file():
+        DualEncoder(ModelConfig()).eval().save(model_dir)
+    if not (out / "manifest.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        x, _ = make("clustered", n, 1)
+        index_vectors(out, model_dir, [f"/nonexistent/img{i:07d}.jpg" for i in range(n)], x, kind="flat")
+    exe = str(Path(sys.executable).with_name("dualsearch"))
+    cold = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run([exe, "search", str(out), "a red circle", "-k", "5"], check=True, capture_output=True)
+        cold.append(time.perf_counter() - t0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, "serve", str(out), "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                break
+            except OSError:
+                time.sleep(0.02)
+        ready = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait()
+    return [[n, "flat", f"{statistics.median(cold):.2f} s (min {min(cold):.2f}, max {max(cold):.2f})",
+             f"{ready:.2f} s", "load %.1f" % os.getloadavg()[0]]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000")
     ap.add_argument("--data", default="uniform,clustered")
     ap.add_argument("--kinds", default="flat,hnsw,ivfpq")
     ap.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end text query timing")
+    ap.add_argument("--only-text-int8", action="store_true", help="only the INT8 text encoder latency table")
+    ap.add_argument("--startup", type=int, metavar="N", default=0,
+                    help="only the cold-start table: search and serve on an index of N vectors (e.g. 1000000)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.startup:
+        print(table(["vectors", "index", "search cold (CLI, fresh process)", "serve: start to first /health",
+                     "load"], startup(args.startup)))
+        return
+    int8 = text_int8()
+    print("\ntext encoder latency, one query (ONNX Runtime, default threads), fp32 against INT8 (dynamic):")
+    print(table(["text encoder", "p50 ms", "p99 ms", "file", "cosine to fp32"], int8), flush=True)
+    if args.only_text_int8:
+        return
     rows = []
     for data in args.data.split(","):
         for n in [int(s) for s in args.sizes.split(",")]:

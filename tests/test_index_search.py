@@ -174,12 +174,12 @@ def test_cli_search_json_and_grid(tmp_path, collection, tiny_model, capsys):
     grid = tmp_path / "g.png"
     assert main(["-q", "search", str(out), "a red circle", "-k", "4", "--json", "--grid", str(grid)]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert len(res) == 4 and set(res[0]) == {"path", "score"}
+    assert len(res) == 4 and {"path", "score", "id", "weak", "z", "duplicates", "taken", "format"} <= set(res[0])
     assert res[0]["score"] >= res[-1]["score"]
     assert Image.open(grid).size[0] > 300
     assert main(["-q", "search", str(out), "a red circle"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["rank", "score", "path"] and len(table) == 10
+    assert table[0].split() == ["rank", "score", "match", "taken", "path"] and len(table) == 10
 
 
 def test_ann_kinds_reach_recall_target():

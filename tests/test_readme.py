@@ -67,7 +67,7 @@ def test_readme_runs(tmp_path):
     assert re.search(r"^text->image\s+\d+\.\d+", ev, re.M) and re.search(r"^image->text\s+\d+\.\d+", ev, re.M), ev
     assert "top-10 accuracy" in ev
     # search: ranked rows of existing images, the grid, the --image query finds the image itself
-    rows = re.findall(r"^\s*(\d+)\s+(-?\d\.\d+)\s+(\S+)$", out, re.M)
+    rows = re.findall(r"^\s*(\d+)\s+(-?\d\.\d+)\s+(?:weak|good)?\s+(?:\d{4}-\d\d-\d\d)?\s+(\S+)$", out, re.M)
     assert len(rows) >= 9 and all(Path(p).is_file() for _, _, p in rows), out
     assert (tour / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(float(score) > 0.999 and p.endswith("shapes_0001_0000007.jpg") for _, score, p in rows), out

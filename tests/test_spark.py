@@ -258,8 +258,21 @@ def test_webdataset_shards_and_cli(tmp_path, collection, tiny_model, spark, caps
     assert "cannot keep the shards there" in capsys.readouterr().err
 
 
+def blocked_modules() -> list[str]:
+    """The top-level modules of every core dependency outside ``spark.EXECUTOR_PACKAGES`` (torch,
+    transformers, lightning, faiss, onnx, pandas, ...): what an executor install does not have."""
+    import importlib.metadata as md
+    import re
+
+    deps = [r for r in md.requires("dualsearch") if "extra ==" not in r]  # pyproject.toml's dependencies
+    norm = lambda name: name.lower().replace("_", "-")
+    absent = {norm(re.match(r"[A-Za-z0-9_.-]+", d).group(0)) for d in deps} - set(sp.EXECUTOR_PACKAGES)
+    return sorted(m for m, dists in md.packages_distributions().items() if any(norm(d) in absent for d in dists))
+
+
 def test_executor_side_needs_no_torch(tmp_path, collection, tiny_model):  # noqa: F811
-    """What a Spark task runs (decode, ONNX Runtime, Parquet) imports neither torch nor the model."""
+    """What a Spark task runs (decode, ONNX Runtime, Parquet: ``_embed_parts`` on one part of real
+    images) works with every dependency outside EXECUTOR_PACKAGES made unimportable."""
     import subprocess
     import sys
 
@@ -268,22 +281,56 @@ def test_executor_side_needs_no_torch(tmp_path, collection, tiny_model):  # noqa
     from dualsearch.encode.modules import NormalizedImageEncoder
     from dualsearch.model.dual_encoder import DualEncoder
 
+    blocked = blocked_modules()
+    assert {"torch", "transformers", "lightning", "faiss", "onnx"} <= set(blocked)
     model = DualEncoder.load(tiny_model)
     onnx_file, _ = verified_onnx(NormalizedImageEncoder(model), "executor-test", model.image_tower.image_size,
                                  default_cache_dir())
     prep = model.image_tower.preprocessor()
-    items = [[str(p), 0, 0] for p in sorted(collection.glob("*.jpg"))[:3]]
+    items = json.dumps([[str(p), 0, 0] for p in sorted(collection.glob("*.jpg"))[:3]] + [["/no/such.jpg", 0, 0]])
     code = f"""
-import sys
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ImportError(f"{{name}} is not in an executor install")
+sys.meta_path.insert(0, Block())
+import pyarrow as pa
 from dualsearch.data.images import ImagePreprocessor
 from dualsearch.index import spark as sp
-table = sp.embed_part("files", {items!r}, sp._encoder({str(onnx_file)!r}, 1),
-                      ImagePreprocessor({prep.size}, {prep.mean!r}, {prep.std!r}, {prep.resize!r}))
-sp.write_shard(table, {str(tmp_path / "out")!r}, "part-x.parquet")
-assert table.num_rows == 3 and set(table.column("status").to_pylist()) == {{"indexed"}}
-assert "torch" not in sys.modules, "an executor imported torch"
-print("ok")
+batch = pa.RecordBatch.from_pydict({{"part": ["x"], "kind": ["files"], "items": [{items!r}]}})
+prep = ImagePreprocessor({prep.size}, {prep.mean!r}, {prep.std!r}, {prep.resize!r})
+(stats,) = sp._embed_parts(iter([batch]), {str(onnx_file)!r}, prep, {str(tmp_path / "out")!r}, 64, None)
+assert stats.to_pydict()["indexed"] == [3] and stats.to_pydict()["unreadable"] == [1], stats.to_pydict()
+table = pa.parquet.read_table({str(tmp_path / "out" / "part-x.parquet")!r})
+assert table.column("status").to_pylist() == ["indexed"] * 3 + ["skipped"]
+print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
 """
     (tmp_path / "out").mkdir()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+    assert res.returncode == 0 and res.stdout.strip() == "ok []", res.stderr[-3000:]
+
+
+def test_io_skips_are_planned_again(tmp_path):
+    """Skips that say a file could not be reached are retried by the next run (both runners plan
+    with ``plan.diff``); a bad image stays skipped until it changes."""
+    from dualsearch.index.catalog import IndexedFile, SkippedFile
+    from dualsearch.index.plan import Entry, Inputs, diff
+
+    cat = Catalog(tmp_path / "idx", create=True)
+    try:
+        cat.write_batch([IndexedFile("/p/ok.jpg", 10, 1, np.ones(4, np.float32))], [
+            SkippedFile("/p/unreadable.jpg", 10, 1, "cannot read file (Permission denied)"),
+            SkippedFile("/p/corrupt.jpg", 10, 1, "corrupt image (truncated image file)"),
+            SkippedFile("http://h/x.jpg", 0, 0, "cannot fetch (HTTP 503)"),
+            SkippedFile("/p/a.tar::m.jpg", 0, 5, "no longer in its shard"),
+        ])
+        cat.set_meta("tar:/p/a.tar", "100:5")
+        cat.set_meta("tar:/p/b.tar", "100:5")
+        files = [Entry("/p/ok.jpg", 10, 1), Entry("/p/unreadable.jpg", 10, 1), Entry("/p/corrupt.jpg", 10, 1),
+                 Entry("http://h/x.jpg", 0, 0)]
+        plan = diff(cat, Inputs(files, [Entry("/p/a.tar", 100, 5), Entry("/p/b.tar", 100, 5)]))
+    finally:
+        cat.close()
+    assert sorted(e.path for e in plan.todo) == ["/p/unreadable.jpg", "http://h/x.jpg"]
+    assert [t.path for t in plan.tars] == ["/p/a.tar"] and plan.unchanged == 2 and not plan.gone

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..errors import UsageError
 from .common import check_model, check_writable
 from .options import non_negative_int, positive_float, positive_int
 
-SPARK_ONLY = ("spark_master", "shard_size", "embeddings")
+SPARK_ONLY = ("spark_master", "shard_size", "embeddings", "executor_python")
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -28,6 +29,8 @@ def cmd_index(args: argparse.Namespace) -> None:
     if args.engine == "spark":
         from ..index.build import build_index_spark
 
+        if args.executor_python:  # what pyspark reads when it starts the session
+            os.environ["PYSPARK_PYTHON"] = args.executor_python
         report = build_index_spark(args.images_dir, args.model, args.out, shard_size=args.shard_size,
                                    master=args.spark_master, embeddings=args.embeddings, **common)
         return print_report(report, args.out)
@@ -35,7 +38,8 @@ def cmd_index(args: argparse.Namespace) -> None:
 
     def run():
         return build_index(args.images_dir, args.model, args.out, num_workers=args.workers,
-                           commit_every=args.commit_every, engine=args.engine, progress=not args.watch, **common)
+                           commit_every=args.commit_every, engine=args.engine, progress=not args.watch,
+                           precision=args.precision, **common)
 
     print_report(run(), args.out)
     if args.watch:
@@ -118,10 +122,17 @@ def _index_parser(sub) -> None:
     p.add_argument("--embeddings", metavar="DIR",
                    help="with --engine spark: where the Parquet shards go (default INDEX/embeddings; "
                         "a shared path or an s3://, gs://, hdfs:// URI on a cluster)")
+    p.add_argument("--executor-python", metavar="PATH",
+                   help="with --engine spark: the Python the executors run, with dualsearch's executor install "
+                        "(./env/bin/python for a packed environment; default: PYSPARK_PYTHON, else this Python)")
     p.add_argument("--max-pixels", type=positive_int, help="skip images with more pixels (default 179M, as Pillow)")
     p.add_argument("--memory-budget", type=positive_float, default=8.0,
                    help="GB the ANN index may use (for --ann auto)")
-    p.add_argument("--workers", type=non_negative_int, help="image decoding worker processes")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="decoding lanes (ONNX: threads that decode and embed; torch: worker processes); 0: none")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"],
+                   help="image encoder precision on the ONNX engine (int8: statically quantised, calibrated on the "
+                        "collection; faster, at a cost in recall: see BENCHMARKS.md)")
     p.add_argument("--allow-mass-delete", action="store_true",
                    help="let this run drop more than half of the index (files really deleted; by default such a "
                         "run stops, since an unmounted share looks like an empty folder)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .export import export_image_onnx, export_text_onnx
-from .runtime import onnx_available, ort_session
+from .runtime import onnx_available, onnx_file, ort_session, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +27,7 @@ Forward = Callable[[torch.Tensor], np.ndarray]
 TextForward = Callable[[dict], np.ndarray]
 
 
-def onnx_file(cache_root: str | os.PathLike, key: str) -> Path:
-    """Where the verified export of ``key`` lives under a cache root."""
-    return Path(cache_root) / "onnx" / f"{key}.onnx"
+__all__ = ["ENGINES", "image_forward", "onnx_file", "text_forward", "torch_forward", "verified_onnx"]
 
 
 def _wants_onnx(engine: str, device: str) -> bool:
@@ -57,16 +54,30 @@ def torch_forward(module: nn.Module, device: str = "cpu") -> Forward:
     return run
 
 
+def _image_facts(module: nn.Module) -> dict:
+    """What a torch-free runner needs besides the ONNX file: the preprocessing of the module's
+    image tower (``module.tower`` or the module itself) and the output dimension."""
+    tower = getattr(module, "tower", module)
+    prep = tower.preprocessor() if hasattr(tower, "preprocessor") else None
+    return {"image": {"size": prep.size, "mean": list(prep.mean), "std": list(prep.std), "resize": prep.resize}} \
+        if prep is not None else {}
+
+
 def verified_onnx(module: nn.Module, key: str, image_size: int, cache_root: str | os.PathLike,
                   atol: float = 1e-3):
     """-> (ONNX file, session) of an image module equal to ``module`` within ``atol`` (max abs
     difference on a seeded random batch), exported once per ``key`` under ``cache_root``; None
-    where export or the check fails."""
+    where export or the check fails. A passed check is recorded beside the file
+    (:func:`~dualsearch.encode.runtime.write_record`, with the tower's preprocessing), so that later
+    runs use the file without torch and without checking again."""
     path = onnx_file(cache_root, key)
     try:
-        if not path.is_file():
+        recorded = read_record(path) is not None
+        if not recorded:  # none yet, or a file changed since it was checked: export afresh
             export_image_onnx(module, path, image_size)
         session = ort_session(path, torch.get_num_threads(), gpu=True)
+        if recorded:
+            return path, session
         sample = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             want = module.eval()(sample).float().numpy()
@@ -78,6 +89,7 @@ def verified_onnx(module: nn.Module, key: str, image_size: int, cache_root: str 
     if diff > atol:
         log.warning("ONNX output of %s differs from torch by %.2g; using torch", key, diff)
         return None
+    write_record(path, max_diff=diff, atol=atol, dim=int(want.shape[1]), **_image_facts(module))
     return path, session
 
 

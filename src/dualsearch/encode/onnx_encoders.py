@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..data.images import ImagePreprocessor
-from .runtime import ort_session
+from .runtime import file_sha256, ort_session
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +89,60 @@ class OnnxDualEncoder:
         """RGB PIL images -> unit embeddings ``[N, D]``."""
         pixels = np.stack([self.preprocess.array(img) for img in images])
         return self.image_session.run(None, {"pixels": pixels})[0]
+
+
+def text_export_dir(cache_root: str | os.PathLike, model_hash: str) -> Path:
+    """Where the verified text-encoder export of the model with ``model_hash`` is cached."""
+    return Path(cache_root) / "onnx" / f"text-encoder-{model_hash}"
+
+
+def verified_text_export(folder: str | os.PathLike, model_hash: str) -> bool:
+    """Whether ``folder`` holds a text-encoder export of the model with ``model_hash`` that was
+    checked against torch (:func:`export_verified_text_encoder`) and is unchanged since (torch-free)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "export.json").read_text())
+        return (meta.get("model_hash") == model_hash and "max_diff" in meta and (folder / "tokenizer.json").is_file()
+                and meta.get("sha256") == file_sha256(folder / "text_encoder.onnx"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+PROBE = ["a red circle", "two small blue stars above a large green square on a pink background", "x"]
+
+
+def export_verified_text_encoder(model, folder: str | os.PathLike, model_hash: str, atol: float = 1e-3) -> bool:
+    """Export ``model``'s text encoder into ``folder`` (:func:`dualsearch.encode.export.export_text_encoder`,
+    torch) and keep it only if it matches torch within ``atol`` on a few probes; the check is
+    recorded in export.json (``max_diff``, ``sha256``). -> whether it was kept (else a warning says
+    why and search will use torch). Raises ``StorageError`` when the folder cannot be written."""
+    from ..storage import StorageError, write_text
+    from .export import export_text_encoder
+
+    folder = Path(folder)
+    try:
+        export_text_encoder(model, folder, extra={"model_hash": model_hash})
+        diff = float(np.abs(OnnxTextEncoder(folder).embed(PROBE) - model.embed_texts(PROBE)).max())
+    except StorageError:
+        raise  # a full disk is the run's failure, not the exporter's
+    except Exception as e:  # an exotic tower the exporter cannot trace: torch answers queries
+        log.warning("could not export the text encoder to ONNX (%s); search will use torch", e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+    if diff > atol:
+        log.warning("the ONNX text encoder differs from torch by %.2g; search will use torch", diff)
+        shutil.rmtree(folder, ignore_errors=True)
+        return False
+    meta = json.loads((folder / "export.json").read_text())
+    meta.update(max_diff=diff, sha256=file_sha256(folder / "text_encoder.onnx"))
+    write_text(folder / "export.json", json.dumps(meta, indent=2))
+    return True
+
+
+def install_text_encoder(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the export folder ``src`` to ``dst`` atomically (files get the umask's permissions).
+    Raises ``StorageError``."""
+    from ..storage import atomic_path
+
+    with atomic_path(dst, is_dir=True) as tmp:
+        shutil.copytree(src, tmp, copy_function=shutil.copyfile, dirs_exist_ok=True)

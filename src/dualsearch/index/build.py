@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from ..config import ModelConfig, from_dict
 from ..data.images import is_uri
 from ..data.readers import DataError
 from ..model.folder import model_content_hash, read_model_config
@@ -82,16 +82,28 @@ class IndexReport:
 
 @dataclass
 class IndexJob:
-    """One run's model and catalog (see :func:`index_job`)."""
+    """One run's model and catalog (see :func:`index_job`); the torch model is loaded on first
+    use of :attr:`model`, so a run with a verified ONNX export never imports torch."""
 
     out: Path
-    model: DualEncoder
     model_path: str
     model_hash: str
     catalog: Catalog
     kind: str
     memory_budget: float
+    dim: int
+    device: str = "cpu"
     t0: float = field(default_factory=time.perf_counter)
+    _model: DualEncoder | None = None
+
+    @property
+    def model(self) -> DualEncoder:
+        """The :class:`~dualsearch.model.dual_encoder.DualEncoder`, loaded (torch) on first use."""
+        if self._model is None:
+            from ..model.dual_encoder import DualEncoder
+
+            self._model = DualEncoder.load(self.model_path, device=self.device)
+        return self._model
 
 
 def check_kind(kind: str) -> None:
@@ -102,21 +114,19 @@ def check_kind(kind: str) -> None:
 @contextmanager
 def index_job(out: str | os.PathLike, model_path: str | os.PathLike, kind: str = "auto",
               memory_budget: float = 8e9, device: str = "cpu") -> Iterator[IndexJob]:
-    """The prologue every run shares: the model loaded and hashed, the catalog in ``out`` opened
+    """The prologue every run shares: the model checked and hashed, the catalog in ``out`` opened
     (created when new) and bound to that model; the catalog is closed on the way out. Raises
     :class:`IndexError_` for an unknown ANN kind, ``ModelError``, and ``CatalogError`` when the
     index holds another model's vectors."""
     check_kind(kind)
     model_path = str(Path(model_path).resolve())
-    read_model_config(model_path)  # the cheap checks first: a wrong pairing fails before the model loads
+    config = read_model_config(model_path)  # the cheap checks first: a wrong pairing fails before any model
     model_hash = model_content_hash(model_path)
     catalog = Catalog(out, create=True)
     try:
         catalog.bind_model(model_hash, model_path)
-        from ..model.dual_encoder import DualEncoder  # torch: imported once the cheap checks have passed
-
-        model = DualEncoder.load(model_path, device=device)
-        yield IndexJob(Path(out), model, model_path, model_hash, catalog, kind, memory_budget)
+        dim = from_dict(ModelConfig, config.get("model") or {}).embed_dim
+        yield IndexJob(Path(out), model_path, model_hash, catalog, kind, memory_budget, dim, device)
     finally:
         catalog.close()
 
@@ -180,9 +190,10 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
                 kind: str = "auto", exclude: Sequence[str] = (), batch_size: int = 64,
                 num_workers: int | None = None, commit_every: int = 256, memory_budget: float = 8e9,
                 device: str = "cpu", progress: bool = True, max_pixels: int | None = None,
-                engine: str = "auto", allow_mass_delete: bool = False) -> IndexReport:
+                engine: str = "auto", allow_mass_delete: bool = False, precision: str = "fp32") -> IndexReport:
     """Index every image below ``images_dir`` into ``out``, embedding in this process (see the
-    module docstring and :func:`apply_removals`). Raises :class:`~dualsearch.errors.DualsearchError`
+    module docstring, :func:`apply_removals` and :func:`.local.embed_files` for ``engine`` and
+    ``precision``). Raises :class:`~dualsearch.errors.DualsearchError`
     subclasses."""
     check_kind(kind)
     inputs = _list_local(str(images_dir), exclude)
@@ -193,9 +204,10 @@ def build_index(images_dir: str | os.PathLike, model_path: str | os.PathLike, ou
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), unchanged=plan.unchanged)
         apply_removals(job.catalog, plan, inputs, str(images_dir), report, allow_mass_delete)
-        from .local import embed_files  # torch: once the cheap checks have passed
+        from .local import embed_files
 
-        embed_files(job, plan.todo, report, batch_size, num_workers, commit_every, progress, max_pixels, engine)
+        embed_files(job, plan.todo, report, batch_size, num_workers, commit_every, progress, max_pixels, engine,
+                    precision)
         finish(job, report)
     return report
 
@@ -234,7 +246,7 @@ def index_vectors(out: str | os.PathLike, model_path: str | os.PathLike, paths: 
     Raises :class:`IndexError_` when the shape does not fit the model, ``EmbeddingsError`` for
     non-finite or zero vectors."""
     with index_job(out, model_path, kind, memory_budget) as job:
-        dim = job.model.config.embed_dim
+        dim = job.dim
         check_vectors(vectors)  # finite, no zero rows
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != dim or len(vectors) != len(paths):
@@ -250,32 +262,36 @@ def index_vectors(out: str | os.PathLike, model_path: str | os.PathLike, paths: 
     return report
 
 
-def ensure_text_encoder(out: Path, model: DualEncoder, model_hash: str) -> None:
-    """Export the model's text encoder to ONNX inside the index (once per model, checked against
-    torch within 1e-3), so that queries are answered without torch. A model that does not export
-    is searched through torch."""
-    from ..encode.export import export_text_encoder
-    from ..encode.onnx_encoders import OnnxTextEncoder
+def ensure_text_encoder(out: Path, job: IndexJob) -> None:
+    """The model's ONNX text encoder inside the index (``out/text_encoder``), so that queries are
+    answered without torch: a copy of the export cached per model hash under the cache root
+    (:func:`~dualsearch.encode.onnx_encoders.text_export_dir`), which is exported and checked
+    against torch within 1e-3 only the first time (loading the model; an unwritable cache root:
+    straight into the index). A model that does not export is searched through torch."""
+    from ..encode.cache import default_cache_dir
+    from ..encode.onnx_encoders import (
+        export_verified_text_encoder,
+        install_text_encoder,
+        text_export_dir,
+        verified_text_export,
+    )
 
     folder = out / TEXT_ENCODER_DIR
     try:
-        if json.loads((folder / "export.json").read_text()).get("model_hash") == model_hash:
+        if json.loads((folder / "export.json").read_text()).get("model_hash") == job.model_hash:
             return
     except (OSError, ValueError):
         pass
-    probe = ["a red circle", "two small blue stars above a large green square on a pink background", "x"]
+    cached = text_export_dir(default_cache_dir(), job.model_hash)
     try:
-        export_text_encoder(model, folder, extra={"model_hash": model_hash})
-        diff_ = float(np.abs(OnnxTextEncoder(folder).embed(probe) - model.embed_texts(probe)).max())
-    except StorageError:
-        raise  # a full disk is the run's failure, not the exporter's
-    except Exception as e:  # an exotic tower the exporter cannot trace: torch answers queries
-        log.warning("could not export the text encoder to ONNX (%s); search will use torch", e)
-        shutil.rmtree(folder, ignore_errors=True)
+        if not verified_text_export(cached, job.model_hash) and \
+                not export_verified_text_encoder(job.model, cached, job.model_hash):
+            return
+    except StorageError as e:
+        log.warning("%s; exporting the text encoder into the index only", e)
+        export_verified_text_encoder(job.model, folder, job.model_hash)
         return
-    if diff_ > 1e-3:
-        log.warning("the ONNX text encoder differs from torch by %.2g; search will use torch", diff_)
-        shutil.rmtree(folder, ignore_errors=True)
+    install_text_encoder(cached, folder)
 
 
 def finish(job: IndexJob, report: IndexReport) -> None:
@@ -283,8 +299,8 @@ def finish(job: IndexJob, report: IndexReport) -> None:
     and manifest (re)built when the catalog changed since they were last built."""
     report.skipped = [(s.path, s.reason) for s in job.catalog.skipped()]
     report.seconds = time.perf_counter() - job.t0
-    out, catalog, dim = job.out, job.catalog, job.model.config.embed_dim
-    ensure_text_encoder(out, job.model, job.model_hash)
+    out, catalog, dim = job.out, job.catalog, job.dim
+    ensure_text_encoder(out, job)
     fill_metadata(catalog)  # rows embedded now, or upgraded from schema 1: no re-embedding
     try:
         manifest = read_manifest(out) if (out / MANIFEST_FILE).is_file() else None
@@ -323,7 +339,7 @@ def _calibration(job: IndexJob, index) -> dict:
 
     encoder = load_text_encoder(job.out / TEXT_ENCODER_DIR, job.model_hash)
     embed = encoder.embed if encoder is not None else job.model.embed_texts
-    entry = calibrate(job.out, job.catalog, job.model.config.embed_dim, embed, index.search)
+    entry = calibrate(job.out, job.catalog, job.dim, embed, index.search)
     if entry is None:
         return {"calibration": None, "examples": []}
     examples = read_model_config(job.model_path).get("example_queries") or entry.pop("best_bank_queries")

@@ -70,14 +70,18 @@ def _metadata_of(path: str, mtime_ns: int) -> PhotoMetadata:
     return read_metadata(path, mtime_ns)
 
 
+PROGRESS_FROM = 10_000  # rows: a smaller pass takes a few seconds at most and prints no line of its own
+
+
 def fill_metadata(catalog: Catalog, batch: int = 512, show_progress: bool = True) -> int:
     """Read and store the metadata of every indexed row that lacks it (see the module docstring),
-    committing every ``batch`` rows (a killed run keeps what it read). -> rows filled."""
+    committing every ``batch`` rows (a killed run keeps what it read); a progress line only from
+    :data:`PROGRESS_FROM` rows (an upgraded library). -> rows filled."""
     total = catalog.count_missing_metadata()
     done = 0
     if not total:
         return 0
-    with progress(total, "photo metadata", enabled=show_progress) as bar:
+    with progress(total, "photo metadata", enabled=show_progress and total >= PROGRESS_FROM) as bar:
         while rows := catalog.missing_metadata(batch):
             catalog.write_metadata([(vid, _metadata_of(path, mtime)) for vid, path, mtime in rows])
             done += len(rows)

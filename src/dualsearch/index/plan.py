@@ -139,12 +139,26 @@ class Plan:
     stale_tar_keys: list[str]  # catalog meta keys of shards no longer listed
 
 
+# skip reasons that say the file could not be reached, not that it is a bad image: such rows are
+# retried by the next run (a share mounted late, a permission fixed, a server back up)
+IO_SKIP_REASONS = ("cannot read file", "cannot fetch", "no longer in its shard", "unreadable shard")
+
+
+def io_skip(reason: str | None) -> bool:
+    """Whether a skip reason is I/O-class (:data:`IO_SKIP_REASONS`): retried on the next run."""
+    return bool(reason) and reason.startswith(IO_SKIP_REASONS)
+
+
 def diff(catalog: Catalog, inputs: Inputs) -> Plan:
-    """Compare ``inputs`` with the catalog (size + mtime of files; of shards for their members)."""
+    """Compare ``inputs`` with the catalog (size + mtime of files; of shards for their members).
+    Files (and shards) skipped for an I/O-class reason (:func:`io_skip`) are planned again."""
     known = catalog.file_stats()
-    todo = [f for f in inputs.files if f.size < 0 or known.get(f.path) != (f.size, f.mtime_ns)]
+    retry = {s.path for s in catalog.skipped() if io_skip(s.reason)}
+    todo = [f for f in inputs.files if f.size < 0 or f.path in retry or known.get(f.path) != (f.size, f.mtime_ns)]
     ingested = catalog.meta_with_prefix(TAR_META)
-    tars = [t for t in inputs.tars if ingested.get(TAR_META + t.path) != f"{t.size}:{t.mtime_ns}"]
+    retry_tars = {p.split("::", 1)[0] for p in retry}
+    tars = [t for t in inputs.tars
+            if t.path in retry_tars or ingested.get(TAR_META + t.path) != f"{t.size}:{t.mtime_ns}"]
     file_set, tar_set = {f.path for f in inputs.files}, {t.path for t in inputs.tars}
     unseen = tuple(folder.rstrip(os.sep) + os.sep for folder, _ in inputs.listing.unreadable)
     gone = [p for p in known if p not in file_set and p.split("::", 1)[0] not in tar_set

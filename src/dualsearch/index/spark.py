@@ -14,7 +14,9 @@ and builds the ANN index from the catalog block by block (:func:`ann.build_strea
 INDEX layout as the local path, so ``search`` and ``serve`` work unchanged.
 
 This module imports neither torch nor the model at the top: executors unpickle
-:func:`_embed_parts` from it.
+:func:`_embed_parts` from it, and need only :data:`EXECUTOR_PACKAGES` (tests/test_spark.py runs the
+executor side with every other dependency blocked). Before embedding, :func:`probe_executors` runs
+one tiny task per core that checks the executors' Python, the shard folder and the images.
 """
 from __future__ import annotations
 
@@ -36,12 +38,16 @@ from ..data.readers.webdataset import scan_shard
 from ..data.records import ImageRef, SkipLog, display_name
 from ..encode.runtime import ort_session
 from ..errors import DualsearchError
+from ..storage import os_reason
 from .catalog import IndexedFile, SkippedFile
-from .plan import PART_META, SHARD_PREFIX, TAR_META, Part, Plan, make_parts
+from .plan import PART_META, SHARD_PREFIX, TAR_META, Part, Plan, io_skip, make_parts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 10_000
+# what the executor side imports besides the standard library and pyspark: an executor install is
+# dualsearch without its dependencies plus these (scripts/pack_executor_env.sh; never torch)
+EXECUTOR_PACKAGES = ("numpy", "pillow", "pyarrow", "onnxruntime")
 EMBEDDINGS_DIR = "embeddings"
 
 
@@ -50,6 +56,12 @@ class SparkIndexError(DualsearchError):
 
 
 # ----------------------------------------------------------------------------- storage (local or URI)
+def absolute(uri: str) -> str:
+    """A local path made absolute on the driver (executors run in their own working folders);
+    URIs (``s3://``, ``file://``...) unchanged."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def _fs(uri: str):
     """-> (pyarrow filesystem, path inside it) for a local path or any URI pyarrow knows
     (s3://, gs://, hdfs://, file://)."""
@@ -179,15 +191,17 @@ def _embed_parts(batches: Iterator, encoder_file: str, preprocess, out_uri: str,
             table = embed_part(kind, json.loads(items), encoder, preprocess, batch_size, max_pixels, threads)
             write_shard(table, out_uri, f"{SHARD_PREFIX}{name}.parquet")
             indexed = sum(1 for s in table.column("status").to_pylist() if s == "indexed")
-            out.append((name, indexed, table.num_rows - indexed, time.perf_counter() - t0, peak_rss_mb()))
+            unreadable = sum(1 for r in table.column("reason").to_pylist() if io_skip(r))
+            out.append((name, indexed, table.num_rows - indexed, unreadable, time.perf_counter() - t0,
+                        peak_rss_mb()))
         arrow = {"string": pa.string(), "long": pa.int64(), "double": pa.float64()}
         schema = pa.schema([(name, arrow[kind]) for name, kind in STATS])
         yield pa.RecordBatch.from_pylist([dict(zip(schema.names, o)) for o in out], schema=schema)
 
 
 # what each task reports, in Spark's type names: the mapInArrow schema and its Arrow batches
-STATS = (("part", "string"), ("indexed", "long"), ("skipped", "long"), ("seconds", "double"),
-         ("worker_peak_mb", "double"))
+STATS = (("part", "string"), ("indexed", "long"), ("skipped", "long"), ("unreadable", "long"),
+         ("seconds", "double"), ("worker_peak_mb", "double"))
 
 
 def peak_rss_mb() -> float:
@@ -202,29 +216,151 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
+# ----------------------------------------------------------------------------- the probe (one tiny job)
+def _unreadable(path: str) -> str | None:
+    """Why this process cannot read the first byte of a local file; None when it can."""
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        return os_reason(e)
+    return None
+
+
+def probe_here(out_uri: str, marker: str, samples: Sequence[str], index: int) -> dict:
+    """What one probe task finds where it runs: whether it sees the ``marker`` file the driver
+    wrote under ``out_uri`` (a node-local folder does not), whether it can write there, and which
+    ``samples`` (local image paths the driver reads) it cannot read, with why."""
+    from pyarrow import fs
+
+    found: dict = {"write": None, "sees_marker": False, "unreadable": []}
+    try:
+        filesystem, root = _fs(out_uri)
+        found["sees_marker"] = filesystem.get_file_info(f"{root}/{marker}").type == fs.FileType.File
+        tmp = f"{root}/{marker}-{index}-{uuid.uuid4().hex}"
+        with filesystem.open_output_stream(tmp) as f:
+            f.write(b"probe")
+        filesystem.delete_file(tmp)
+    except Exception as e:  # OSError, ArrowInvalid, SparkIndexError: the reason is the answer
+        found["write"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    found["unreadable"] = [(p, why) for p in samples if (why := _unreadable(p))]
+    return found
+
+
+def _probe_task(out_uri: str, marker: str, samples: list[str]):
+    """The function a probe task runs: a closure, so Spark ships its code by value and it runs
+    (and says what is missing) even on executors whose Python cannot import this package."""
+    def probe(index, _rows):
+        import json
+        import socket
+        import sys
+
+        row = {"host": socket.gethostname(), "python": sys.executable}
+        try:
+            import onnxruntime  # noqa: F401
+
+            from dualsearch.index import spark as executor_side
+        except Exception as e:  # ImportError, or a broken install's own error
+            return [json.dumps({**row, "missing": f"{type(e).__name__}: {e}"})]
+        return [json.dumps({**row, **executor_side.probe_here(out_uri, marker, samples, index)})]
+    return probe
+
+
+PYTHON_HINT = ("give --executor-python (PYSPARK_PYTHON) a Python with dualsearch's executor install on every "
+               "worker, or ship a packed environment (README: On a real cluster)")
+SHARED_HINT = ("give --embeddings a folder every executor can write and this machine can read under the same "
+               "path (a shared mount), or an s3://, gs://, hdfs:// URI")
+VISIBILITY_HINT = ("put the images where every executor reads them under the same path as this machine "
+                   "(a shared mount at the same place, or object-storage URIs)")
+
+
+def _cause(e: BaseException) -> str:
+    """The line of a Spark job's error (Py4JJavaError, PythonException) that names the cause."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[0] if lines
+                 else type(e).__name__)
+    return cause[:300]
+
+
+def _spread(parts: Sequence[Part], n: int = 16) -> list[str]:
+    """Up to ``n`` local inputs (files, tar shards) of ``parts``, spread over them."""
+    paths = [item[0] for part in parts for item in part.items if "://" not in item[0]]
+    return paths[::max(1, len(paths) // n)][:n]
+
+
+def _probe_samples(parts: Sequence[Part], n: int = 16) -> list[str]:
+    """Up to ``n`` local inputs of ``parts``, spread over them, that this machine can read."""
+    return [p for p in _spread(parts, n) if _unreadable(p) is None]
+
+
+def probe_executors(spark, out_uri: str, samples: Sequence[str]) -> None:
+    """Run one tiny task per core (at most 16) before any embedding: the executors' Python must
+    import the executor side, write under ``out_uri`` and see what the driver wrote there, and read
+    most ``samples``. Raises :class:`SparkIndexError` (one line, no re-run advice) when not."""
+    filesystem, root = _fs(out_uri)
+    marker = f".probe-{uuid.uuid4().hex}"
+    with filesystem.open_output_stream(f"{root}/{marker}") as f:
+        f.write(b"written by the driver")
+    sc = spark.sparkContext
+    n = max(1, min(int(sc.defaultParallelism), 16))
+    try:
+        rows = [json.loads(r) for r in sc.parallelize(range(n), n)
+                .mapPartitionsWithIndex(_probe_task(out_uri, marker, list(samples))).collect()]
+    except Exception as e:  # the executors' Python does not start, or is another version than the driver's
+        raise SparkIndexError(f"the executors cannot run Python {sc.pythonExec} ({_cause(e)}); {PYTHON_HINT}") from e
+    finally:
+        filesystem.delete_file(f"{root}/{marker}")
+    _check_probe(rows, out_uri, samples)
+
+
+def _check_probe(rows: list[dict], out_uri: str, samples: Sequence[str]) -> None:
+    """The first problem the probe tasks found, as one :class:`SparkIndexError`."""
+    for r in rows:
+        where = f"{r['python']} on {r['host']}"
+        if r.get("missing"):
+            raise SparkIndexError(f"the executors' Python ({where}) cannot import dualsearch's executor side "
+                                  f"({r['missing']}); {PYTHON_HINT}")
+        if not r["sees_marker"]:
+            raise SparkIndexError(f"{out_uri} is not the same folder on the executors as here ({r['host']} does not "
+                                  f"see a file this machine wrote there: a node-local folder?); {SHARED_HINT}")
+        if r["write"]:
+            raise SparkIndexError(f"the executors cannot write the shards under {out_uri} ({r['host']}: "
+                                  f"{r['write']}); {SHARED_HINT}")
+        if samples and len(r["unreadable"]) > len(samples) / 2:
+            path, why = r["unreadable"][0]
+            raise SparkIndexError(f"the executors cannot read the images this machine reads ({len(r['unreadable'])} "
+                                  f"of {len(samples)} sampled; {r['host']}: {path}: {why}); {VISIBILITY_HINT}")
+
+
 # ----------------------------------------------------------------------------- the driver side
 def spark_session(master: str | None = None, app_name: str = "dualsearch-index"):
-    """The active session, or a new one on ``master`` (default: ``local[*]``)."""
+    """The active session (when ``master`` is None or its own), or a new one on ``master``
+    (default: ``DUALSEARCH_SPARK_MASTER``, else ``local[*]``; under spark-submit, its master and
+    settings). Executors run ``PYSPARK_PYTHON`` (``--executor-python``), else this interpreter (on a
+    cluster, the same path on every worker: :func:`probe_executors` says so when it is not).
+    The Spark UI is off in local mode only. Raises :class:`SparkIndexError` (no Java, no master)."""
     import sys
 
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
-    if active is not None and master is None:
+    if active is not None and master in (None, active.sparkContext.master):
+        if master is not None and os.environ.get("PYSPARK_PYTHON"):  # --executor-python, for this run's jobs
+            active.sparkContext.pythonExec = os.environ["PYSPARK_PYTHON"]
         return active
     builder = SparkSession.builder.appName(app_name)
     if master is None and "PYSPARK_GATEWAY_PORT" in os.environ:
-        master = "spark-submit's"  # launched by spark-submit: its --master and --conf hold
+        master = "spark-submit's"  # launched by spark-submit: its --master, --conf and PYSPARK_PYTHON hold
     else:
         master = master or os.environ.get("DUALSEARCH_SPARK_MASTER") or "local[*]"
         builder = builder.master(master)
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # read by pyspark when the context starts
     if master.startswith("local"):
-        # local mode: the Python workers are this interpreter (the SQL runner reads the variable)
-        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         log4j = Path(__file__).with_name("log4j2.properties")
         builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
-    builder = builder.config("spark.ui.showConsoleProgress", "true").config("spark.ui.enabled", "false")
+        builder = builder.config("spark.ui.enabled", "false")  # no web UI port for a run on this machine
+    builder = builder.config("spark.ui.showConsoleProgress", "true")
     try:
         spark = builder.getOrCreate()
     except Exception as e:  # no java, a master that does not answer
@@ -233,12 +369,32 @@ def spark_session(master: str | None = None, app_name: str = "dualsearch-index")
     return spark
 
 
+# errors that running the same command again cannot fix: the executors' install, rights, memory
+CONFIG_ERRORS = ("ModuleNotFoundError", "ImportError", "Cannot run program", "PYTHON_VERSION_MISMATCH",
+                 "PermissionError", "Permission denied", "Read-only file system")
+MEMORY_ERRORS = ("MemoryError", "bad_alloc", "Failed to allocate", "BFCArena")  # ONNX Runtime's arena: its own text
+
+
+def _job_error(e: BaseException, out_uri: str) -> SparkIndexError:
+    """A failed job's one line: what to change for a set-up error, "run again" only otherwise."""
+    cause = _cause(e)
+    if any(c in str(e) for c in MEMORY_ERRORS):
+        return SparkIndexError(f"the Spark job failed for want of memory ({cause[:160]}): raise "
+                               f"spark.executor.pyspark.memory, a cap on each Python worker's address space "
+                               f"(README: Sizing)")
+    if any(c in cause for c in CONFIG_ERRORS):
+        return SparkIndexError(f"the Spark job failed ({cause}); {PYTHON_HINT}")
+    return SparkIndexError(f"the Spark job failed ({cause}); the shards it finished are kept under {out_uri}: "
+                           f"run the same command again to resume")
+
+
 def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_uri: str, batch_size: int = 64,
-              max_pixels: int | None = None) -> list[tuple[str, int, int, float, float]]:
-    """Embed ``parts`` on Spark, one task per part. -> (part, indexed, skipped, seconds, Python worker
-    peak RSS in MiB) rows."""
+              max_pixels: int | None = None) -> list[tuple[str, int, int, int, float, float]]:
+    """Embed ``parts`` on Spark, one task per part. -> (part, indexed, skipped, unreadable (I/O-class
+    skips), seconds, Python worker peak RSS in MiB) rows. Raises :class:`SparkIndexError`."""
     if not parts:
         return []
+    out_uri = absolute(out_uri)
     filesystem, root = _fs(out_uri)
     filesystem.create_dir(root, recursive=True)
     sc = spark.sparkContext
@@ -251,11 +407,7 @@ def run_parts(spark, parts: Sequence[Part], encoder_file: str, preprocess, out_u
     try:
         result = df.mapInArrow(body, ", ".join(f"{name} {kind}" for name, kind in STATS)).collect()
     except Exception as e:  # Py4JJavaError / PythonException: the first line names the cause
-        lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        cause = next((ln.strip() for ln in reversed(lines) if "Error" in ln or "Exception" in ln), lines[0] if lines
-                     else type(e).__name__)
-        raise SparkIndexError(f"the Spark job failed ({cause[:300]}); the shards it finished are kept under "
-                              f"{out_uri}: run the same command again to resume") from e
+        raise _job_error(e, out_uri) from e
     return [tuple(r) for r in result]
 
 
@@ -322,9 +474,33 @@ def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- the runner
+MOSTLY_UNREADABLE = 0.5  # a run whose executors could not read more of its images than this stops
+
+
+def _check_visibility(stats: Sequence[tuple], pending: Sequence[Part], out_uri: str) -> None:
+    """Stop a run whose executors could not read most of its files while this machine reads them
+    (a folder only the driver sees); the shards holding such skips are deleted, so that the next
+    run embeds them again. Files unreadable here too stay skips, retried by the next run."""
+    unreadable, rows = sum(r[3] for r in stats), sum(r[1] + r[2] for r in stats)
+    if not rows or unreadable <= MOSTLY_UNREADABLE * rows:
+        return
+    by_name = {p.name: p for p in pending}
+    failing = [by_name[r[0]] for r in stats if r[3]]
+    spread = _spread(failing)
+    readable_here = [p for p in spread if _unreadable(p) is None]
+    if len(readable_here) <= len(spread) / 2:
+        return
+    filesystem, root = _fs(out_uri)
+    for part in failing:
+        filesystem.delete_file(f"{root}/{part.file}")
+    raise SparkIndexError(f"the executors could not read {unreadable} of the {rows} images they were given, which "
+                          f"this machine reads (e.g. {readable_here[0]}); {VISIBILITY_HINT}; nothing of them was "
+                          f"added to the index")
+
+
 def _embed_pending(job, pending: Sequence[Part], out_uri: str, batch_size: int, max_pixels: int | None,
                    master: str | None, spark, report) -> str:
-    """Run the parts not yet written on Spark; -> the master they ran on."""
+    """Probe the executors, then run the parts not yet written on Spark; -> the master they ran on."""
     from ..encode.backends import verified_onnx
     from ..encode.cache import default_cache_dir
     from ..encode.modules import NormalizedImageEncoder
@@ -336,15 +512,18 @@ def _embed_pending(job, pending: Sequence[Part], out_uri: str, batch_size: int, 
         raise SparkIndexError("the Spark engine ships the image encoder as ONNX, and this model's did not "
                               "export; index with --engine torch instead")
     session = spark or spark_session(master)
-    log.info("embedding %d shards on Spark (%s)", len(pending), session.sparkContext.master)
+    log.info("embedding %d shards on Spark (%s; executors' Python: %s)", len(pending), session.sparkContext.master,
+             session.sparkContext.pythonExec)
+    probe_executors(session, out_uri, _probe_samples(pending))
     t1 = time.perf_counter()
     stats = run_parts(session, pending, str(verified[0]), model.image_tower.preprocessor(), out_uri, batch_size,
                       max_pixels)
     report.embed_seconds = time.perf_counter() - t1
+    _check_visibility(stats, pending, out_uri)
     report.embedded = sum(r[1] for r in stats)
-    report.worker_peak_mb = max(r[4] for r in stats)
+    report.worker_peak_mb = max(r[5] for r in stats)
     log.info("Spark: %d shards in %.1f s; a shard took %.1f-%.1f s; Python workers peaked at %.0f MiB",
-             len(stats), report.embed_seconds, min(r[3] for r in stats), max(r[3] for r in stats),
+             len(stats), report.embed_seconds, min(r[4] for r in stats), max(r[4] for r in stats),
              report.worker_peak_mb)
     return session.sparkContext.master
 
@@ -353,10 +532,14 @@ def run_plan(job, plan: Plan, report, out_uri: str, shard_size: int = DEFAULT_SH
              max_pixels: int | None = None, master: str | None = None, spark=None) -> None:
     """The Spark runner: cut the plan into parts, embed those without a shard under ``out_uri`` on
     Spark, ingest every part's shard into ``job.catalog`` in plan order (a run killed while
-    ingesting re-cuts the same parts), and delete shards no plan or catalog knows."""
+    ingesting re-cuts the same parts), and delete shards no plan or catalog knows. A part ingested
+    before and planned again (its files were skipped as unreadable) is embedded again.
+    ``out_uri``: a local path (made absolute here) or a URI. Raises :class:`SparkIndexError`."""
+    out_uri = absolute(out_uri)
     parts = make_parts(plan.todo, plan.tars, shard_size, job.model_hash)
     done = done_parts(out_uri)
-    pending = [p for p in parts if p.file not in done]
+    ingested = job.catalog.meta_with_prefix(PART_META)
+    pending = [p for p in parts if p.file not in done or PART_META + p.name in ingested]
     shards = f"{len(pending)} shards embedded, {len(parts) - len(pending)} reused"
     report.engine = f"spark, {shards}"
     if pending:

@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench venv clean chromium java
+.PHONY: demo test lint bench bench-data venv clean chromium java
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,6 +41,14 @@ lint: $(STAMP)
 
 test: lint chromium java
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# the real sets of bench/quality.py (bench/realdata.py): Debian's Tux Paint stamps and Oxygen icons, CairoSVG
+bench-data: $(STAMP)
+	@test -d /usr/share/tuxpaint/stamps && test -d /usr/share/icons/oxygen/base || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tuxpaint-stamps-default \
+	   oxygen-icon-theme >/dev/null)
+	$(PIP) install -q -e ".[bench]"
+	$(PY) bench/realdata.py
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -1,79 +1,133 @@
-"""Held-out retrieval quality: `--recipe seed` (the reference) against the default recipe.
+"""Held-out retrieval quality per data set: `--recipe seed` (the reference) against the default and
+every candidate, mean and standard deviation over training seeds.
 
-    python bench/quality.py                       # generated shapes: 3000 train / 2000 held-out
-    python bench/quality.py --captions F --images DIR [--val-fraction 0.1]   # any other data set
+    make bench-data && python bench/quality.py                 # shapes, Tux Paint, Oxygen icons; 3 seeds
+    python bench/quality.py --sets tuxpaint --variants seed,default --seeds 0
+    python bench/quality.py --captions F --images DIR          # any other data set (80/10/10 split)
 
-Both recipes train on the same images with the same tower features (cached once), and are
-evaluated on 2,000 held-out images from another seed (R@5 on 500 is saturated near 100 % for both):
-text->image Recall@1/5/10 and top-100 accuracy.
+Sets: generated shapes (3,000 training images, 10 % for validation; 2,000 held out from another
+seed: R@5 on 500 saturates), and the real sets of bench/realdata.py (Debian's Tux Paint stamps and
+Oxygen icons; 70/10/20 by image). Every variant of a set trains on the same images with the same
+tower features (cached once) and is evaluated on the same held-out gallery: text->image R@1/5/10,
+image->text R@5. "train s" is the mean wall time of one training run (features cached); "features
+s" is the first run's feature time on an empty cache (both towers, every split; the conse prior's
+1,000 class names included), measured once per set.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import realdata  # noqa: E402
 from _common import BENCH_DIR, machine, shapes, table  # noqa: E402
 from dualsearch.data.readers import read_dataset  # noqa: E402
 from dualsearch.data.split import split_records  # noqa: E402
-from dualsearch.encode.features import embed_records  # noqa: E402
+from dualsearch.encode.features import embed_records, fill_image_prior, tower_features  # noqa: E402
 from dualsearch.eval import retrieval_metrics  # noqa: E402
 from dualsearch.logs import quiet_libraries  # noqa: E402
+from dualsearch.model.dual_encoder import DualEncoder  # noqa: E402
 from dualsearch.train.fit import fit, recipe  # noqa: E402
 
+# (label, recipe, overrides): the reference, the default, the previous default, then candidates
+VARIANTS = [
+    ("seed", "seed", {}),
+    ("default", "default", {}),
+    ("clip (default before)", "clip", {}),
+    ("default: prior as input only", "default", {"image_prior": "conse:20", "embed_dim": 256}),
+    ("default: prior weight 1", "default", {"image_prior": "conse:20:1"}),
+    ("default: conse:5:1", "default", {"image_prior": "conse:5:1"}),
+    ("default: conse:1000:1", "default", {"image_prior": "conse:1000:1"}),
+]
 
-def run(name: str, train, val, test, cache, epochs):
-    rows = []
-    for rec in ("seed", "default"):
-        mcfg, tcfg = recipe(rec, epochs=epochs)
+
+def load_sets(names: list[str], args) -> dict[str, tuple]:
+    """set name -> (train, val, test) records."""
+    sets = {}
+    if args.captions:
+        ds = read_dataset(args.captions, args.images)
+        p = split_records(ds.records, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+        return {str(args.captions): (p["train"], p["val"], p["test"])}
+    for name in names:
+        if name == "shapes":
+            train, test = shapes("shapes", args.train_images, seed=1), shapes("shapes", args.test_images, seed=2)
+            p = split_records(train.records, {"train": 0.9, "val": 0.1}, seed=0)
+            sets[name] = (p["train"], p["val"], test.records)
+        else:
+            p = realdata.splits(name)
+            sets[name] = (p["train"], p["val"], p["test"])
+    return sets
+
+
+def feature_seconds(parts: tuple) -> float:
+    """First-run feature time on an empty cache: both towers over every split, and the prior's class names."""
+    model = DualEncoder(recipe("default")[0], fill_prior=False)
+    with tempfile.TemporaryDirectory(prefix="dualsearch-quality-") as cache:
+        t0 = time.perf_counter()
+        for records in parts:
+            tower_features(model, records, cache, show_progress=False)
+        fill_image_prior(model, cache)
+        return time.perf_counter() - t0
+
+
+def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[int], cache) -> dict:
+    """Train one variant with each seed; its held-out metrics per seed and its mean training time."""
+    train, val, test = parts
+    runs, secs = [], []
+    for seed in seeds:
+        mcfg, tcfg = recipe(name, seed=seed, **overrides)
         t0 = time.perf_counter()
         res = fit(mcfg, tcfg, train, val, None, cache_dir=cache, progress=False)
-        secs = time.perf_counter() - t0
-        emb = embed_records(res.model, test, cache)
-        m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=100)
+        secs.append(time.perf_counter() - t0)
+        emb = embed_records(res.model, test, cache, show_progress=False)
+        m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image)
         t2i = m.text_to_image
-        rows.append([name, rec, len(res.history), round(secs, 1), round(t2i["R@1"], 2), round(t2i["R@5"], 2),
-                     round(t2i["R@10"], 2), round(m.image_to_text["R@5"], 2), round(m.top_k_accuracy["value"], 2)])
-    return rows
+        runs.append([t2i["R@1"], t2i["R@5"], t2i["R@10"], m.image_to_text["R@5"], len(res.history)])
+        print(f"  {label} seed {seed}: t2i R@5 {t2i['R@5']:.1f} ({secs[-1]:.0f} s)", file=sys.stderr, flush=True)
+    return {"runs": np.array(runs), "secs": float(np.mean(secs)), "gallery": len(emb.image_emb)}
+
+
+def row(set_name: str, label: str, r: dict, feat_s) -> list:
+    mean, std = r["runs"].mean(0), r["runs"].std(0)
+    cells = [f"{mean[i]:.1f} ± {std[i]:.1f}" for i in range(4)]
+    return [set_name, r["gallery"], label, *cells, f"{mean[4]:.0f}", round(r["secs"], 1), feat_s]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-images", type=int, default=3000)
-    ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--sets", default="shapes,tuxpaint,oxygen", help="comma-separated: shapes, tuxpaint, oxygen")
+    ap.add_argument("--variants", default="all", help="VARIANTS labels, comma-separated (none has a comma), or all")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (comma-separated)")
+    ap.add_argument("--train-images", type=int, default=3000, help="shapes: training images")
+    ap.add_argument("--test-images", type=int, default=2000, help="shapes: held-out images")
     ap.add_argument("--captions")
     ap.add_argument("--images")
-    ap.add_argument("--val-fraction", type=float, default=0.1)
-    ap.add_argument("--epochs", type=int, default=None, help="cap the epochs of both recipes")
+    ap.add_argument("--feature-time", choices=("real", "all", "none"), default="real",
+                    help="which sets time their features on an empty cache (shapes: minutes)")
     ap.add_argument("--cache-dir", default=str(BENCH_DIR / "cache"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
-
-    rows = []
-    if args.captions:
-        ds = read_dataset(args.captions, args.images)
-        parts = split_records(ds.records, {"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
-        rows += run(str(args.captions), parts["train"], parts["val"], parts["test"], args.cache_dir, args.epochs)
-    else:
-        train = shapes("shapes", args.train_images, seed=1)
-        test = shapes("shapes", args.test_images, seed=2)
-        parts = split_records(train.records, {"train": 1 - args.val_fraction, "val": args.val_fraction}, seed=0)
-        rows += run("shapes 224px", parts["train"], parts["val"], test.records, args.cache_dir, args.epochs)
-        # data the default was not tuned on: other seeds, another image size and aspect
-        train2 = shapes("shapes", 2000, seed=11, size="320x240")
-        test2 = shapes("shapes", args.test_images, seed=12, size="320x240")
-        parts2 = split_records(train2.records, {"train": 0.9, "val": 0.1}, seed=0)
-        rows += run("shapes 320x240 (untuned)", parts2["train"], parts2["val"], test2.records, args.cache_dir,
-                    args.epochs)
-    print(f"\nbench/quality.py on {machine()}")
-    print(table(["data", "recipe", "epochs", "train s", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@5",
-                 "top-100 acc"], rows))
-    for i in range(0, len(rows), 2):
-        print(f"{rows[i][0]}: default - seed, held-out t2i R@5 = {rows[i + 1][5] - rows[i][5]:+.2f} points "
-              f"(target: >= +10)")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    wanted = [v for v in VARIANTS if args.variants == "all" or v[0] in args.variants.split(",")]
+    rows, summary = [], []
+    for set_name, parts in load_sets(args.sets.split(","), args).items():
+        timed = args.feature_time == "all" or (args.feature_time == "real" and set_name != "shapes")
+        feat_s = round(feature_seconds(parts), 1) if timed else "-"
+        results = {label: measure(label, name, ov, parts, seeds, args.cache_dir) for label, name, ov in wanted}
+        rows += [row(set_name, label, r, feat_s) for label, r in results.items()]
+        if "seed" in results and "default" in results:
+            gain = results["default"]["runs"][:, 1].mean() - results["seed"]["runs"][:, 1].mean()
+            summary.append(f"{set_name}: default - seed, held-out t2i R@5 = {gain:+.1f} points (target: >= +12)")
+    print(f"\nbench/quality.py on {machine()}; seeds {seeds}; mean ± std over seeds")
+    print(table(["set", "gallery", "variant", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@5", "epochs", "train s",
+                 "features s"], rows))
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

@@ -103,3 +103,54 @@ def test_recall_matches_naive_full_matrix(block):
     first = [np.where(owner == n)[0][0] for n in range(40)]
     assert m.top_k_accuracy == {"k": 5, "value": pytest.approx(100 * np.mean(t2i[first] <= 5))}
     assert set(m.as_dict()) == {"text_to_image", "image_to_text", "top_k_accuracy", "images", "queries"}
+
+
+def test_conse_prior_is_the_renormalised_top_t_mixture_of_class_embeddings():
+    from dualsearch.model.prior import PriorHead
+
+    torch.manual_seed(0)
+    w, b, names = torch.randn(7, 5), torch.randn(7), torch.randn(7, 3)
+    head = PriorHead(torch.nn.Identity(), w, b, names, top=2)
+    feats = torch.randn(4, 5)
+    got = head.prior(feats)
+    p = torch.softmax(feats @ w.T + b, -1)
+    for i in range(4):
+        top = torch.topk(p[i], 2).indices
+        want = (p[i, top, None] * F.normalize(names, dim=-1)[top]).sum(0) / p[i, top].sum()
+        torch.testing.assert_close(got[i], want)
+    # the head sees the features and the prior side by side
+    torch.testing.assert_close(head(feats), torch.cat([feats, got], -1))
+
+
+def test_fused_similarity_adds_the_zero_shot_similarity_with_its_weight():
+    from dualsearch.model.prior import FusedTextHead, PriorHead, fused
+
+    torch.manual_seed(1)
+    a, b, za, zb = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 6), torch.randn(3, 6)
+    for weight in (0.5, 1.0, 2.0):
+        fa, fb = fused(a, za, weight), fused(b, zb, weight)
+        torch.testing.assert_close(fa.norm(dim=-1), torch.ones(3))
+        want = (F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+                + weight * F.normalize(za, dim=-1) @ F.normalize(zb, dim=-1).T) / (1 + weight)
+        torch.testing.assert_close(fa @ fb.T, want)
+    text = FusedTextHead(ProjectionHead(6, 8), 1.0)
+    assert text(torch.randn(2, 6)).shape == (2, 14)
+    image = PriorHead(ProjectionHead(5 + 6, 8), torch.randn(4, 5), torch.randn(4), torch.randn(4, 6), 3, 1.0)
+    assert image(torch.randn(2, 5)).shape == (2, 14)
+
+
+@pytest.mark.parametrize("spec,want", [("none", (0, 0.0)), ("conse:20", (20, 0.0)), ("conse:5:0.5", (5, 0.5)),
+                                       ("conse:1000:1", (1000, 1.0))])
+def test_prior_specs(spec, want):
+    from dualsearch.model.prior import parse_prior
+
+    assert parse_prior(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["conse", "conse:0", "conse:1001", "conse:5:0", "conse:5:-1", "clip:3"])
+def test_bad_prior_specs_are_one_line_errors(spec):
+    from dualsearch.errors import DualsearchError
+    from dualsearch.model.prior import parse_prior
+
+    with pytest.raises(DualsearchError, match="bad image prior"):
+        parse_prior(spec)

@@ -1,5 +1,6 @@
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -157,3 +158,55 @@ def test_cli_train_and_eval_json(tmp_path, shapes_data, tiny_text_model, tiny_vi
     cfg = json.loads((tmp_path / "seed" / "config.json").read_text())
     assert cfg["model"]["loss"] == "seed" and cfg["train"]["captions_per_image"] == 2
     assert main(["eval", "--model", str(tmp_path / "nope"), *common]) == 2
+
+
+def test_recipes_seed_unchanged_default_prior_only_where_it_fits():
+    from dualsearch.train.recipes import recipe
+
+    seed_m, seed_t = recipe("seed")
+    assert (seed_m.loss, seed_m.temperature, seed_m.learn_temperature, seed_m.embed_dim, seed_m.head_layers,
+            seed_m.image_prior) == ("seed", 0.05, False, 256, 1, "none")
+    assert (seed_t.captions_per_image, seed_t.pairs, seed_t.weight_decay, seed_t.epochs) == (2, "all", 1e-3, 30)
+    m, _ = recipe("default")
+    assert (m.image_prior, m.embed_dim) == ("conse:20:0.5", 256 + 384)
+    assert recipe("default", embed_dim=128)[0].embed_dim == 128 + 384  # the heads' dimension
+    other = recipe("default", image_tower="hf:some/vit", embed_dim=16)[0]
+    assert (other.image_prior, other.embed_dim) == ("none", 16)
+    assert recipe("default", text_tower="hf:some/bert")[0].image_prior == "none"
+    assert recipe("clip")[0] == replace(m, image_prior="none", embed_dim=256)
+
+
+def test_conse_prior_model_saves_loads_and_trains_through_the_cache(tmp_path, shapes_data, tiny_text_model):
+    """EfficientNet-Lite0's own classifier and a tiny text tower: the prior's buffers travel with the
+    model folder, and training fills them through the feature cache as the constructor would."""
+    from dualsearch.config import ModelConfig
+    from dualsearch.model.prior import PriorHead, class_text_embeddings
+
+    parts = _records(*shapes_data)
+    text_dim = build_text_tower(f"hf:{tiny_text_model}").output_dim
+    mcfg = ModelConfig(image_tower="efficientnet-lite0", text_tower=f"hf:{tiny_text_model}", embed_dim=8 + text_dim,
+                       head_layers=1, image_prior="conse:5:1")
+    tcfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3)
+    res = fit(mcfg, tcfg, parts["train"][:40], parts["val"][:8], tmp_path / "m", cache_dir=tmp_path / "c",
+              progress=False)
+    head = res.model.image_head
+    assert isinstance(head, PriorHead) and head.classifier_w.abs().sum() > 0
+    torch.testing.assert_close(head.class_text, torch.nn.functional.normalize(
+        class_text_embeddings(res.model.text_tower), dim=-1), atol=1e-5, rtol=1e-4)
+    loaded = DualEncoder.load(tmp_path / "m")
+    a = embed_records(res.model, parts["val"][:4], None)
+    b = embed_records(loaded, parts["val"][:4], None)
+    assert a.image_emb.shape == (4, 8 + text_dim)
+    np.testing.assert_allclose(a.image_emb, b.image_emb, atol=1e-5)
+    np.testing.assert_allclose(a.text_emb, b.text_emb, atol=1e-5)
+
+
+def test_prior_needs_an_imagenet_classifier(tiny_text_model, tiny_vision_model):
+    from dualsearch.config import ModelConfig
+
+    with pytest.raises(TowerError, match="no ImageNet classifier"):
+        DualEncoder(ModelConfig(image_tower=f"hf:{tiny_vision_model}", text_tower=f"hf:{tiny_text_model}",
+                                image_prior="conse:5"))
+    with pytest.raises(ModelError, match="embed_dim must be over"):
+        DualEncoder(ModelConfig(image_tower="efficientnet-lite0", text_tower=f"hf:{tiny_text_model}",
+                                image_prior="conse:5:1", embed_dim=4), fill_prior=False)

@@ -22,6 +22,7 @@ class ModelConfig:
     loss: str = "clip"  # seed (soft targets, fixed temperature) | clip (InfoNCE) | siglip
     temperature: float = 0.05  # fixed (seed) or initial (clip, siglip) temperature
     learn_temperature: bool = True
+    image_prior: str = "none"  # none | conse:T (ImageNet class names in text space, top T; model/prior.py)
     image_trainable: str = "frozen"  # frozen | all | last:N
     text_trainable: str = "frozen"
 

@@ -95,8 +95,8 @@ def _train_parser(sub) -> None:
     add_data_source_args(p, required=False, prefix="val-")
     p.add_argument("--val-fraction", type=fraction, default=0.1, help="held-out images when no --val-captions")
     p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write")
-    p.add_argument("--recipe", default="default", choices=["default", "seed"],
-                   help="seed: the reference exactly; default: ours (see README)")
+    p.add_argument("--recipe", default="default", choices=["default", "clip", "seed"],
+                   help="seed: the reference exactly; default: ours (see README); clip: the default before it")
     p.add_argument("--init", metavar="MODEL", help="start from this model folder (fine-tuning)")
     p.add_argument("--image-tower", help="efficientnet-lite0 (default), hf:<id|path>, timm:<name>")
     p.add_argument("--text-tower", help="minilm-l6 (default), hf:<id|path>")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..data.records import ImageCaption, ImageRef, SkipLog
 from ..errors import Interrupted
 from ..logs import progress, say
+from ..model.prior import PriorHead, class_prompts
 from .backends import image_forward, text_forward
 from .cache import FeatureCache, default_cache_dir, image_key, open_caches, text_key
 from .loader import image_loader
@@ -179,6 +180,27 @@ def tower_features(model, records: Sequence[ImageCaption], cache_root: str | os.
                 c.close()
     skipped.report("images")
     return TowerFeatures(kept, img_f, text_f, owner, skipped)
+
+
+def fill_image_prior(model, cache_root: str | os.PathLike | None, device: str = "cpu") -> None:
+    """Fill a model's image prior (:class:`~dualsearch.model.prior.PriorHead`, built with
+    ``fill_prior=False``): the tower's ImageNet classifier, and the text tower's features of the
+    class prompts through the feature cache under ``cache_root`` (1,000 texts, computed once). A
+    model without a prior is left as it is. Raises :class:`~dualsearch.model.towers.TowerError`
+    for an image tower without an ImageNet classifier."""
+    head = model.image_head
+    if not isinstance(head, PriorHead):
+        return
+    weight, bias = model.image_tower.imagenet_classifier()
+    img_cache, txt_cache = open_caches(model, cache_root)
+    try:
+        names = compute_text_features(model.text_tower, class_prompts(), txt_cache, device=device,
+                                      desc="class names", cache_root=cache_root, show_progress=False)
+    finally:
+        for c in (img_cache, txt_cache):
+            if c:
+                c.close()
+    head.fill(weight, bias, torch.from_numpy(names))
 
 
 @torch.inference_mode()

@@ -24,6 +24,7 @@ from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import ProjectionHead
 from .losses import clip_loss, seed_loss, siglip_loss
+from .prior import CLASSES, FusedTextHead, PriorHead, class_text_embeddings, parse_prior
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class DualEncoder(nn.Module):
     """``encode_image(pixels [B,3,H,W]) -> [B,D]``, ``encode_text(tokens) -> [B,D]``."""
 
     def __init__(self, config: ModelConfig, image_tower: ImageTower | None = None,
-                 text_tower: TextTower | None = None, folder: str | os.PathLike | None = None):
+                 text_tower: TextTower | None = None, folder: str | os.PathLike | None = None,
+                 fill_prior: bool = True):
         super().__init__()
         self.config = config
         self.image_tower = image_tower or build_image_tower(resolve_spec(config.image_tower, folder))
@@ -48,14 +50,37 @@ class DualEncoder(nn.Module):
                                      f"{tower.output_dim}")
             self.image_head, self.text_head = nn.Identity(), nn.Identity()
         elif config.head == "projection":
-            self.image_head = ProjectionHead(self.image_tower.output_dim, d, config.head_layers, config.dropout)
-            self.text_head = ProjectionHead(self.text_tower.output_dim, d, config.head_layers, config.dropout)
+            self.image_head, self.text_head = self._heads(config, fill_prior)
         else:
             raise ModelError(f"unknown head {config.head!r}: use projection or identity")
         init_scale = math.log(1.0 / config.temperature)
         self.logit_scale = nn.Parameter(torch.tensor(init_scale), requires_grad=config.learn_temperature)
         self.logit_bias = nn.Parameter(torch.tensor(-10.0 if config.loss == "siglip" else 0.0),
                                        requires_grad=config.loss == "siglip")
+
+    def _heads(self, config: ModelConfig, fill_prior: bool) -> tuple[nn.Module, nn.Module]:
+        """The projection heads; with ``config.image_prior`` the image head sits behind a
+        :class:`PriorHead` (its buffers filled from the tower and the class names, or left for a
+        saved model's weights when not ``fill_prior``), and a fused prior keeps the text tower's
+        feature beside the text head's output: the heads then project to ``embed_dim`` minus the
+        text tower's dimension."""
+        top, weight = parse_prior(config.image_prior)
+        dim, text_dim = self.image_tower.output_dim, self.text_tower.output_dim
+        d = config.embed_dim - (text_dim if weight else 0)
+        if d < 1:
+            raise ModelError(f"the image prior {config.image_prior!r} keeps the text tower's {text_dim} dimensions "
+                             f"beside the heads': embed_dim must be over {text_dim}, got {config.embed_dim}")
+        text_head = ProjectionHead(text_dim, d, config.head_layers, config.dropout)
+        if not top:
+            return ProjectionHead(dim, d, config.head_layers, config.dropout), text_head
+        if fill_prior:
+            w, b = self.image_tower.imagenet_classifier()
+            names = class_text_embeddings(self.text_tower)
+        else:
+            w, b, names = torch.zeros(CLASSES, dim), torch.zeros(CLASSES), torch.ones(CLASSES, text_dim)
+        head = ProjectionHead(dim + text_dim, d, config.head_layers, config.dropout)
+        return (PriorHead(head, w, b, names, top, weight),
+                FusedTextHead(text_head, weight) if weight else text_head)
 
     # ------------------------------------------------------------------ encoding
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -157,7 +182,7 @@ class DualEncoder(nn.Module):
         folder = Path(folder)
         doc = read_model_config(folder)
         config = from_dict(ModelConfig, doc["model"])
-        model = cls(config, folder=folder)
+        model = cls(config, folder=folder, fill_prior=False)
         try:
             state = load_file(str(folder / WEIGHTS_FILE))
         except (OSError, Exception) as e:  # safetensors raises its own error type

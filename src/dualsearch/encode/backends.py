@@ -16,26 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from .export import export_image_onnx, export_text_onnx
-from .runtime import onnx_available, onnx_file, ort_session, read_record, write_record
+from .runtime import ENGINES, onnx_file, ort_session, read_record, wants_onnx, write_record
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnx")
 Forward = Callable[[torch.Tensor], np.ndarray]
 TextForward = Callable[[dict], np.ndarray]
 
 
-__all__ = ["ENGINES", "image_forward", "onnx_file", "text_forward", "torch_forward", "verified_onnx"]
-
-
-def _wants_onnx(engine: str, device: str) -> bool:
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if engine == "onnx" and not onnx_available():
-        raise ConfigError("engine onnx needs onnxruntime: pip install onnxruntime")
-    return engine == "onnx" or (engine == "auto" and device == "cpu" and onnx_available())
+__all__ = ["ENGINES", "image_forward", "onnx_file", "text_forward", "torch_forward", "verified_onnx", "wants_onnx"]
 
 
 def _first_line(e: Exception) -> str:
@@ -98,7 +88,7 @@ def image_forward(module: nn.Module, key: str, image_size: int, cache_root: str 
     """-> (forward over pixels ``[B,3,S,S]`` -> ``[B,D]``, engine used: "onnx" or "torch").
     ``module`` maps preprocessed pixels to vectors; ONNX exports go under ``cache_root``.
     Raises :class:`~dualsearch.errors.ConfigError` for an unknown engine."""
-    if _wants_onnx(engine, device):
+    if wants_onnx(engine, device):
         verified = verified_onnx(module, key, image_size, cache_root)
         if verified is not None:
             session = verified[1]
@@ -116,7 +106,7 @@ def text_forward(tower: nn.Module, key: str, cache_root: str | os.PathLike, engi
     def run_torch(tokens: dict) -> np.ndarray:
         return tower({k: v.to(device) for k, v in tokens.items()}).float().cpu().numpy()
 
-    if not _wants_onnx(engine, device):
+    if not wants_onnx(engine, device):
         return run_torch, "torch"
     path = onnx_file(cache_root, f"text-{key}")
     try:

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import ConfigError
+
 
 def onnx_available() -> bool:
     """Whether ``onnxruntime`` imports."""
@@ -20,6 +22,19 @@ def onnx_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+ENGINES = ("auto", "torch", "onnx")  # image encoder runtimes of `dualsearch index --engine`
+
+
+def wants_onnx(engine: str, device: str) -> bool:
+    """Whether ``engine`` on ``device`` runs the ONNX export. Raises ``ConfigError`` for an unknown
+    engine, or ``onnx`` without onnxruntime."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "onnx" and not onnx_available():
+        raise ConfigError("engine onnx needs onnxruntime: pip install onnxruntime")
+    return engine == "onnx" or (engine == "auto" and device == "cpu" and onnx_available())
 
 
 def ort_session(path: str | os.PathLike, threads: int | None = None, gpu: bool = False, spin: bool = True):

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 from ..data.images import ImagePreprocessor
 from ..encode.cache import default_cache_dir
 from ..encode.pipeline import MAX_ONNX_BATCH, embed_images, plan_threads
-from ..encode.runtime import onnx_available, onnx_file, ort_session, read_record
+from ..encode.runtime import onnx_file, ort_session, read_record, wants_onnx
 from ..errors import ConfigError, Interrupted
 from ..logs import progress
 from .catalog import IndexedFile, SkippedFile
@@ -24,7 +24,6 @@ from .plan import Entry
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch", "onnx")
 PRECISIONS = ("fp32", "int8")
 
 
@@ -46,14 +45,6 @@ class _Batch:
         self.report.added += len(self.good)
         self.committed += len(self)
         self.good, self.bad = [], []
-
-
-def _wants_onnx(engine: str, device: str) -> bool:
-    if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if engine == "onnx" and not onnx_available():
-        raise ConfigError("engine onnx needs onnxruntime: pip install onnxruntime")
-    return engine == "onnx" or (engine == "auto" and device == "cpu" and onnx_available())
 
 
 def verified_image_encoder(job) -> tuple[str, dict] | None:
@@ -125,7 +116,7 @@ def embed_files(job, todo: Sequence[Entry], report, batch_size: int = 64, num_wo
         raise ConfigError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not todo:
         return
-    onnx = _wants_onnx(engine, job.device)
+    onnx = wants_onnx(engine, job.device)
     made = _onnx_batches(job, todo, batch_size, num_workers, max_pixels, precision) if onnx else None
     if made is None and precision == "int8":
         raise ConfigError("--precision int8 needs the ONNX engine on CPU (a model whose ONNX export passes its check)")

@@ -360,6 +360,8 @@ def spark_session(master: str | None = None, app_name: str = "dualsearch-index")
         log4j = Path(__file__).with_name("log4j2.properties")
         builder = builder.config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
         builder = builder.config("spark.ui.enabled", "false")  # no web UI port for a run on this machine
+    elif master != "spark-submit's":  # said explicitly: a local session earlier in this JVM leaves "false" behind
+        builder = builder.config("spark.ui.enabled", "true")
     builder = builder.config("spark.ui.showConsoleProgress", "true")
     try:
         spark = builder.getOrCreate()

@@ -211,10 +211,10 @@ class Searcher:
     def _mark_weak(self, q: np.ndarray, results: list[Result]) -> None:
         if self.calibration is None or not results:
             return
-        mean, cov, z_floor, score_floor = self.calibration
+        mean, cov, _z_floor, score_floor = self.calibration
         z = query_z(q.reshape(1, -1), np.array([[r.score for r in results]]), mean, cov)[0]
         for r, zi in zip(results, z):
-            r.z, r.weak = round(float(zi), 3), bool(zi < z_floor or r.score < score_floor)
+            r.z, r.weak = round(float(zi), 3), bool(r.score < score_floor)  # z informs, the score decides
 
     def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = (), where: PhotoFilter | None = None,
                       offset: int = 0, sort: str = "score", collapse: bool = False) -> Page:

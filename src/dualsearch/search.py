@@ -200,18 +200,31 @@ class Searcher:
     def _vectors(self, ids: np.ndarray) -> np.ndarray:
         return self.catalog.vectors_for(ids, self.dim)
 
-    def _ranked(self, q: np.ndarray, fetch: int, allowed: np.ndarray | None, skip: set) -> list[Result]:
+    def _ranked(self, q: np.ndarray, fetch: int, allowed: np.ndarray | None,
+                skip: set) -> tuple[np.ndarray, np.ndarray]:
+        """(ids ``[m]``, scores ``[m]``) of the ``fetch`` best matches, best first, leaving out
+        ``skip``; only a page of them becomes :class:`Result` objects (:meth:`_results`)."""
         scores, ids = ann.search(self.index, q.reshape(1, -1), fetch + len(skip), allowed, vectors=self._vectors)
-        paths = self.catalog.paths_for(ids[0])
-        out = [Result(paths[i], float(s), int(i)) for s, i in zip(scores[0], ids[0])
-               if i >= 0 and i in paths and i not in skip]
+        keep = (ids[0] >= 0) & ~np.isin(ids[0], list(skip))
+        return ids[0][keep], scores[0][keep]
+
+    def _results(self, q: np.ndarray, ids: np.ndarray, scores: np.ndarray, counts=None) -> list[Result]:
+        """Results for ``ids`` with their paths, weak marks and metadata (``counts``: group sizes)."""
+        paths = self.catalog.paths_for(ids)
+        counts = np.ones(len(ids), np.int64) if counts is None else counts
+        out = [Result(paths[i], float(s), int(i), duplicates=int(c)) for i, s, c in zip(ids, scores, counts)
+               if i in paths]
         self._mark_weak(q, out)
+        self._attach_metadata(out)
         return out
+
+    def _weak_floor(self) -> float:
+        return -np.inf if self.calibration is None else self.calibration[2]
 
     def _mark_weak(self, q: np.ndarray, results: list[Result]) -> None:
         if self.calibration is None or not results:
             return
-        mean, cov, _z_floor, score_floor = self.calibration
+        mean, cov, score_floor = self.calibration
         z = query_z(q.reshape(1, -1), np.array([[r.score for r in results]]), mean, cov)[0]
         for r, zi in zip(results, z):
             r.z, r.weak = round(float(zi), 3), bool(r.score < score_floor)  # z informs, the score decides
@@ -236,39 +249,39 @@ class Searcher:
         if passing <= 0:
             return Page([], 0, offset)
         if sort == "date":
-            ranked = self._ranked(q, min(DATE_CANDIDATES, passing), allowed, skip)
-            ranked = self._by_date([r for r in ranked if not r.weak])
-            total = len(ranked)
+            ids, scores = self._ranked(q, min(DATE_CANDIDATES, passing), allowed, skip)
+            strong = scores >= self._weak_floor()
+            ids, scores = self._by_date(ids[strong], scores[strong])
+            total = len(ids)
         else:
             fetch = min(passing, -(-(offset + k) // PAGE_WINDOW) * PAGE_WINDOW)
-            ranked, total = self._ranked(q, fetch, allowed, skip), passing
+            (ids, scores), total = self._ranked(q, fetch, allowed, skip), passing
+        counts = None
         if collapse:
-            complete = sort == "date" or len(ranked) >= passing  # the window held every passing image
-            ranked = self._collapsed(ranked)
-            total = len(ranked) if complete else total  # else: an upper bound
-        page = ranked[offset:offset + k]
-        self._attach_metadata(page)
-        return Page(page, total, offset)
+            complete = sort == "date" or len(ids) >= passing  # the window held every passing image
+            ids, scores, counts = self._collapsed(ids, scores)
+            total = len(ids) if complete else total  # else: an upper bound
+        window = slice(offset, offset + k)
+        return Page(self._results(q, ids[window], scores[window], None if counts is None else counts[window]),
+                    total, offset)
 
-    def _collapsed(self, ranked: list[Result]) -> list[Result]:
-        """One result per group of near-duplicates (:func:`dualsearch.index.duplicates.collapse`),
-        ``duplicates`` set to the group's size among ``ranked``."""
+    def _collapsed(self, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One (id, score, group size) per group of near-duplicates among the ranked ``ids``
+        (:func:`dualsearch.index.duplicates.collapse`)."""
         from .index.duplicates import collapse
 
-        if not ranked:
-            return ranked
-        by_id = {r.id: r for r in ranked}
-        groups = collapse(np.array([r.id for r in ranked]), np.array([r.score for r in ranked]), self._vectors)
-        out = []
-        for g in groups:
-            r = by_id[g.id]
-            r.duplicates = g.count
-            out.append(r)
-        return out
+        if not len(ids):
+            return ids, scores, np.zeros(0, np.int64)
+        groups = collapse(ids, scores, self._vectors)
+        return (np.array([g.id for g in groups], np.int64), np.array([g.score for g in groups], np.float32),
+                np.array([g.count for g in groups], np.int64))
 
-    def _by_date(self, results: list[Result]) -> list[Result]:
-        dates = self.catalog.dates_for([r.id for r in results])
-        return sorted(results, key=lambda r: (dates.get(r.id) or "", r.score, -r.id), reverse=True)
+    def _by_date(self, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``ids``, ``scores`` newest first (undated last; ties by score, then id)."""
+        dates = self.catalog.dates_for(ids.tolist())
+        order = sorted(range(len(ids)), key=lambda j: (dates.get(int(ids[j])) or "", scores[j], -ids[j]),
+                       reverse=True)
+        return ids[order], scores[order]
 
     def _attach_metadata(self, results: list[Result]) -> None:
         meta = self.catalog.metadata_for([r.id for r in results])

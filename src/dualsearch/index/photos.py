@@ -139,15 +139,15 @@ def calibrate(folder: Path, catalog: Catalog, dim: int, embed_texts: Callable[[S
             "best_bank_queries": best}
 
 
-def load_calibration(folder: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, float, float] | None:
-    """(mean, covariance, z floor, score floor) stored with an index, or None (an index built
-    before it)."""
+def load_calibration(folder: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(mean, covariance, score floor) stored with an index, or None (an index built before it,
+    or before the score floor)."""
     entry = manifest.get("calibration")
     try:
         with np.load(folder / CALIBRATION_FILE) as f:
             mean, cov = f["mean"].astype(np.float64), f["cov"].astype(np.float64)
     except (OSError, KeyError, ValueError):
         return None
-    if not entry or mean.shape != (manifest["dim"],):
+    if not entry or "score_floor" not in entry or mean.shape != (manifest["dim"],):
         return None
-    return mean, cov, float(entry["z_floor"]), float(entry.get("score_floor", -np.inf))
+    return mean, cov, float(entry["score_floor"])

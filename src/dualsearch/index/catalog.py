@@ -119,6 +119,11 @@ def _iso_date(value: str | None, what: str) -> str | None:
         raise CatalogError(f"{what}: not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS): {value!r}") from None
 
 
+def _like_literal(text: str) -> str:
+    """``text`` matched literally by SQL LIKE ... ESCAPE '\\' (its ``%`` and ``_`` are no wildcards)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 @dataclass(frozen=True)
 class PhotoFilter:
     """Which indexed images a search may return; every given condition must hold (a repeated one:
@@ -171,8 +176,8 @@ class PhotoFilter:
             clauses.append("taken < ?")
             args.append(self.before)
         if self.cameras:
-            any_of(["lower(coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE ?"] * len(self.cameras),
-                   [f"%{c.lower()}%" for c in self.cameras])
+            like = "lower(coalesce(camera_make, '') || ' ' || coalesce(camera_model, '')) LIKE ? ESCAPE '\\'"
+            any_of([like] * len(self.cameras), [f"%{_like_literal(c.lower())}%" for c in self.cameras])
         if self.formats:
             names = [FORMAT_ALIASES.get(f.upper().lstrip("."), f.upper().lstrip(".")) for f in self.formats]
             any_of(["format = ?"] * len(names), names)

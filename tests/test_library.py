@@ -348,3 +348,29 @@ def test_collapse_duplicates_shows_one_per_group(tmp_path, tiny_model, capsys):
     assert main(["-q", "search", str(out), "two red triangles", "-k", "30", "--collapse-duplicates", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 20 and max(h["duplicates"] for h in hits) == 3
+
+
+def test_odd_names_filters_paths_and_relocate_errors(tmp_path, library, tiny_model, capfdbinary):
+    """A folder and a file whose names are not UTF-8 (Linux bytes): --in finds them, --paths prints
+    the real bytes; relocate refuses an OLD with nothing below it and a NEW that does not exist."""
+    odd = os.fsdecode(bytes(library) + b"/d\xff")
+    os.mkdir(odd)
+    shutil.copy(library / "2021" / "c0.jpg", os.fsdecode(os.fsencode(odd) + b"/x\xfe.jpg"))
+    shutil.copy(library / "2021" / "c1.jpg", os.fsdecode(bytes(library) + b"/2021/bad\xff.jpg"))
+    out = tmp_path / "idx"
+    build_index(library, tiny_model, out, kind="flat", num_workers=0, progress=False)
+    s = Searcher.open(out)
+    try:
+        assert s.search_page("x", k=30, where=PhotoFilter(folders=("2021",))).total == 7
+        page = s.search_page("x", k=30, where=PhotoFilter(folders=(os.fsdecode(b"d\xff"),)))
+        assert [os.fsencode(r.path) for r in page.results] == [os.fsencode(odd) + b"/x\xfe.jpg"]
+    finally:
+        s.close()
+    assert main(["-q", "search", str(out), "x", "--in", os.fsdecode(b"d\xff"), "--paths"]) == 0
+    assert capfdbinary.readouterr().out == os.fsencode(odd) + b"/x\xfe.jpg\n"
+    assert main(["-q", "relocate", str(out), str(tmp_path / "elsewhere"), str(tmp_path)]) == 2
+    assert b"no indexed photo is below it" in capfdbinary.readouterr().err
+    assert main(["-q", "relocate", str(out), str(library), str(tmp_path / "typo")]) == 2
+    assert b"no such folder" in capfdbinary.readouterr().err
+    assert main(["-q", "search", str(out), "x", "--paths", "-k", "1"]) == 0
+    assert capfdbinary.readouterr().out.startswith(bytes(library))  # nothing changed

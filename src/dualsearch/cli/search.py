@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,9 +49,10 @@ def print_results(page, args: argparse.Namespace) -> None:
     """``--paths``: one path per line; ``--json``: a list of hits; else a table, weak matches
     marked, and which slice of how many results it is."""
     results = page.results
-    if args.paths:
-        for r in results:
-            print(r.path)
+    if args.paths:  # the file system's own bytes, so that a name that is not UTF-8 reaches xargs intact
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"".join(os.fsencode(r.path) + b"\n" for r in results))
+        sys.stdout.buffer.flush()
     elif args.json:
         print(json.dumps([{"path": r.path, "score": round(r.score, 6), "id": r.id, "weak": r.weak, "z": r.z,
                            "duplicates": r.duplicates, **r.meta} for r in results]))

@@ -350,14 +350,21 @@ def _calibration(job: IndexJob, index) -> dict:
 def relocate(out: str | os.PathLike, old: str, new: str) -> int:
     """The photos of index ``out`` moved from folder ``old`` to ``new`` (no file is read, no
     vector recomputed): catalog paths and the manifest's ``images_root`` follow. -> rows moved.
-    Raises ``CatalogError`` / :class:`IndexError_` for a folder that is not an index."""
+    Raises ``CatalogError`` / :class:`IndexError_` for a folder that is not an index, a ``new``
+    that is not a folder, or an ``old`` with no indexed photo below it."""
     out, old, new = Path(out), os.path.abspath(old), os.path.abspath(new)
     manifest = read_manifest(out)
     if manifest is None:
         raise IndexError_(f"{out}: not a dualsearch index (no {MANIFEST_FILE})")
+    if not os.path.isdir(new):
+        raise IndexError_(f"{new}: no such folder (move the photos there first; nothing was changed)")
     catalog = Catalog(out)
     try:
-        moved = catalog.relocate(old, new)
+        with catalog.transaction():
+            moved = catalog.relocate(old, new)
+            if not moved:  # rolled back with the transaction: nothing was changed
+                raise IndexError_(f"{old}: no indexed photo is below it (the index's root is "
+                                  f"{catalog.root or 'none'}); nothing was changed")
         write_manifest(out, {**manifest, "images_root": catalog.get_meta("images_root")})
     finally:
         catalog.close()

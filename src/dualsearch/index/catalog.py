@@ -119,6 +119,17 @@ def _iso_date(value: str | None, what: str) -> str | None:
         raise CatalogError(f"{what}: not an ISO date (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS): {value!r}") from None
 
 
+def _folder_bounds(folder: str) -> list[tuple]:
+    """The path ranges of the rows below ``folder``: as text, and as bytes for the rows stored as
+    BLOBs (names that are not valid UTF-8, :func:`to_db`; SQLite orders every TEXT before any BLOB,
+    so each range matches its own kind only)."""
+    raw = os.fsencode(folder) + b"/"
+    out = [(raw, raw[:-1] + bytes([raw[-1] + 1]))]
+    if isinstance(to_db(folder), str):
+        out.append(_prefix_bounds(folder + "/"))
+    return out
+
+
 def _like_literal(text: str) -> str:
     """``text`` matched literally by SQL LIKE ... ESCAPE '\\' (its ``%`` and ``_`` are no wildcards)."""
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -164,7 +175,7 @@ class PhotoFilter:
             args.extend(values)
 
         if self.folders:
-            bounds = [_prefix_bounds(from_db(rel(f.rstrip("/"))) + "/") for f in self.folders]
+            bounds = [b for f in self.folders for b in _folder_bounds(from_db(rel(f.rstrip("/"))))]
             any_of(["(path >= ? AND path < ?)"] * len(bounds), [b for pair in bounds for b in pair])
         if self.globs:
             pats = [g if "/" in g else p for g in self.globs for p in (g, "*/" + g)]

@@ -168,7 +168,7 @@ def test_schema_1_index_upgrades_in_place_without_reembedding(tmp_path, capsys):
                  "--workers", "0"]) == 0
     assert "0 embedded" in capsys.readouterr().out
     cat = Catalog(out, readonly=True)
-    assert cat.schema == 2 and cat.count_missing_metadata() == 0
+    assert cat.schema == 3 and cat.count_missing_metadata() == 0
     ids, _ = cat.vectors(16)
     after = {Path(p).name: cat.vectors_for([i], 16)[0].tobytes() for i, p in cat.paths_for(ids).items()}
     assert after == {Path(p).name: v for p, v in vectors_before.items()}

@@ -4,6 +4,7 @@ import http.server
 import json
 import os
 import shutil
+import sqlite3
 import tarfile
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from dualsearch.cli import main
+from dualsearch.errors import DualsearchError
 from dualsearch.index import spark as sp
 from dualsearch.index.build import build_index, build_index_spark
 from dualsearch.index.catalog import Catalog
@@ -72,6 +74,34 @@ def test_spark_matches_local_path(tmp_path, collection, tiny_model, spark):  # n
     finally:
         a.close()
         b.close()
+    # the vectors live once, in the shards: the catalog refers to them
+    db = sqlite3.connect(dist / "catalog.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM files WHERE vector IS NOT NULL").fetchone()[0] == 0
+    assert db.execute("SELECT COUNT(*) FROM files WHERE shard IS NOT NULL").fetchone()[0] == 24
+    db.close()
+
+
+def test_shard_folder_gone_is_one_line(tmp_path, collection, tiny_model, spark, capsys):  # noqa: F811
+    out = tmp_path / "idx"
+    build_index_spark(str(collection), tiny_model, out, shard_size=10, spark=spark)
+    moved = tmp_path / "elsewhere"
+    shutil.move(out / "embeddings", moved)
+    searcher = Searcher.open(out)
+    try:
+        assert searcher.search("a red circle", k=3)  # the ANN index holds what a text search needs
+        with pytest.raises(DualsearchError, match="cannot read this shard"):  # "more like this" needs its vector
+            searcher.id_vector(0)
+    finally:
+        searcher.close()
+    args = ["-q", "index", str(collection), "--model", str(tiny_model), "--out", str(out), "--engine", "spark"]
+    capsys.readouterr()
+    assert main([*args, "--embeddings", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "its vectors live in the Parquet shards under" in err
+    assert main([*args, "--embeddings", str(moved)]) == 0  # the shards moved: followed
+    assert "0 embedded" in capsys.readouterr().out
+    _, vectors = Catalog(out, readonly=True).vectors(searcher.dim)
+    assert vectors.shape == (24, searcher.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
 
 
 def test_rerun_after_partial_run_ends_without_duplicates(tmp_path, collection, tiny_model, spark,  # noqa: F811

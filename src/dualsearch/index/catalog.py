@@ -29,8 +29,8 @@ from ..errors import DualsearchError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)  # read-only; 1 is upgraded to 2 on the first write
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)  # read-only as they are; 1 and 2 are upgraded on the first write
 CATALOG_FILE = "catalog.sqlite"
 # schema 2: the photo's metadata (dualsearch.data.metadata.PhotoMetadata) beside its vector
 METADATA_COLUMNS = (("taken", "TEXT"), ("taken_offset", "TEXT"), ("date_source", "TEXT"), ("width", "INTEGER"),
@@ -53,7 +53,9 @@ class IndexedFile(NamedTuple):
     path: str
     size: int
     mtime_ns: int
-    vector: np.ndarray  # [D] float32, unit length
+    vector: np.ndarray | None  # [D] float32, unit length; None: it lives in a Parquet shard
+    shard: str | None = None  # that shard's file name (under the catalog's ``shards_uri``)
+    shard_row: int | None = None  # its row among the shard's indexed rows
 
 
 class SkippedFile(NamedTuple):
@@ -246,6 +248,7 @@ class Catalog:
                     self.set_meta("schema_version", str(SCHEMA_VERSION))
                     self.set_meta("generation", "0")
                     self._add_metadata_columns()
+                    self._add_shard_columns()
         version = self.get_meta("schema_version")
         if version is None or not version.isdigit() or int(version) not in READABLE_SCHEMAS:
             raise CatalogError(f"{self.path}: catalog schema {version} is not supported "
@@ -264,15 +267,23 @@ class Catalog:
                 self.db.execute(f"ALTER TABLE files ADD COLUMN {name} {kind}")
         self.db.execute("CREATE INDEX IF NOT EXISTS files_taken ON files (taken)")
 
+    def _add_shard_columns(self) -> None:
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(files)")}
+        for name, kind in (("shard", "TEXT"), ("shard_row", "INTEGER")):
+            if name not in have:
+                self.db.execute(f"ALTER TABLE files ADD COLUMN {name} {kind}")
+
     def _upgrade(self, version: int) -> None:
-        """Schema 1 -> 2 in place, in one transaction: the metadata columns (filled in by the next
-        indexing run's metadata pass, no re-embedding), paths under the root made relative."""
+        """Schema 1 -> 2 -> 3 in place, in one transaction: the metadata columns (filled in by the
+        next indexing run's metadata pass, no re-embedding), paths under the root made relative
+        (2); references to vectors kept in Parquet shards (3: empty for rows that store theirs)."""
         with self.transaction():
             if version < 2:
                 self._add_metadata_columns()
                 self.root = self.get_meta("images_root") or ""
                 self._relativize(self.root)
-                self.set_meta("schema_version", "2")
+            self._add_shard_columns()
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
         log.info("%s: catalog upgraded from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
     def _relativize(self, root: str) -> int:
@@ -417,18 +428,20 @@ class Catalog:
 
     def write_batch(self, indexed: Sequence[IndexedFile], skipped: Sequence[SkippedFile]) -> None:
         """Insert or replace rows in one transaction (or the caller's); indexed rows get new vector
-        ids, which are never reused."""
+        ids, which are never reused. An indexed row stores its vector, or (``vector`` None) its
+        shard and row there (:meth:`set_shards_uri` says where the shards are)."""
         with self.transaction():
             vid = self._next_vector_id()
             rows = []
-            for f in map(IndexedFile._make, indexed):
-                rows.append((self._rel(f.path), f.size, f.mtime_ns, "indexed", None, vid,
-                             np.asarray(f.vector, np.float32).tobytes()))
+            for f in indexed:
+                f = IndexedFile(*f)
+                blob = None if f.vector is None else np.asarray(f.vector, np.float32).tobytes()
+                rows.append((self._rel(f.path), f.size, f.mtime_ns, "indexed", None, vid, blob, f.shard, f.shard_row))
                 vid += 1
-            rows += [(self._rel(f.path), f.size, f.mtime_ns, "skipped", display_name(f.reason), None, None)
+            rows += [(self._rel(f.path), f.size, f.mtime_ns, "skipped", display_name(f.reason), None, None, None, None)
                      for f in map(SkippedFile._make, skipped)]
             self.db.executemany("INSERT OR REPLACE INTO files (path, size, mtime_ns, status, reason, vector_id, "
-                                "vector) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                                "vector, shard, shard_row) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.set_meta("next_vector_id", str(vid))
             self._bump()
 
@@ -459,16 +472,75 @@ class Catalog:
             "SELECT path, reason FROM files WHERE status = 'skipped' ORDER BY path")]
 
     # ------------------------------------------------------------------ vectors
+    def set_shards_uri(self, uri: str, present: set[str] | None = None) -> None:
+        """Record where the Parquet shards holding this catalog's shard-referenced vectors live
+        (:mod:`.shards`). When rows already refer to shards elsewhere, the record moves only if
+        ``present`` (the shard file names found at ``uri``) holds every shard they refer to (the
+        folder was moved); else raises :class:`CatalogError`."""
+        current = self.get_meta("shards_uri")
+        if current == uri:
+            return
+        referred = {from_db(s) for (s,) in self.db.execute("SELECT DISTINCT shard FROM files WHERE shard IS NOT NULL")}
+        if current and referred and not referred <= (present or set()):
+            raise CatalogError(f"{self.path.parent}: its vectors live in the Parquet shards under {current}, and "
+                               f"{uri} lacks {len(referred - (present or set()))} of them; pass --embeddings "
+                               f"{current} (or move the shards there)")
+        if current and referred:
+            log.info("the shards holding this index's vectors moved from %s to %s", current, uri)
+        self.set_meta("shards_uri", uri)
+        self.__dict__.pop("_shard_cache", None)
+
+    def _shard_vectors(self, shard: str, dim: int) -> np.ndarray:
+        """The indexed vectors ``[n, dim]`` of one shard, the last two read kept in memory."""
+        from .shards import read_embeddings
+
+        cache = self.__dict__.setdefault("_shard_cache", {})
+        if shard not in cache:
+            uri = self.get_meta("shards_uri")
+            if uri is None:
+                raise CatalogError(f"{self.path}: rows refer to shard {shard} but no shard folder is recorded")
+            if len(cache) >= 2:
+                cache.pop(next(iter(cache)))
+            cache[shard] = read_embeddings(uri, shard, dim)
+        return cache[shard]
+
+    def _vectors_of(self, rows: Sequence[tuple], dim: int) -> np.ndarray:
+        """``[len(rows), dim]`` float32 from (vector blob, shard, shard row) rows: the blob, else
+        the vector read from the shard; a zero row for neither."""
+        if all(r[0] is not None for r in rows):  # vectors stored in the catalog: one copy
+            return np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
+        out = np.zeros((len(rows), dim), np.float32)
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for i, (blob, shard, row) in enumerate(rows):
+            if blob is not None:
+                out[i] = np.frombuffer(blob, np.float32)
+            elif shard is not None:
+                by_shard.setdefault(from_db(shard), []).append((i, row))
+        for shard, items in by_shard.items():
+            at, pos = np.array(items, np.int64).T
+            vecs = self._shard_vectors(shard, dim)
+            if pos.max() >= len(vecs):
+                raise CatalogError(f"{self.path}: shard {shard} holds {len(vecs)} vectors, row {pos.max()} wanted "
+                                   f"(the shard was rewritten; index again)")
+            out[at] = vecs[pos]
+        return out
+
+    @property
+    def _ref_cols(self) -> str:
+        return "vector, shard, shard_row" if self.schema >= 3 else "vector, NULL, NULL"
+
     def iter_vectors(self, dim: int, batch: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids ``[b]`` int64, vectors ``[b, dim]`` float32) in batches, ordered by vector id."""
-        cur = self.db.execute("SELECT vector_id, vector FROM files WHERE status = 'indexed' ORDER BY vector_id")
+        """(ids ``[b]`` int64, vectors ``[b, dim]`` float32) in batches, ordered by vector id; vectors
+        kept in shards are read from them (a shard at a time: the Spark path numbers a shard's rows
+        consecutively). Raises :class:`CatalogError` / ``ShardError`` for an unreadable shard."""
+        cur = self.db.execute(f"SELECT vector_id, {self._ref_cols} FROM files WHERE status = 'indexed' "
+                              f"ORDER BY vector_id")
         while True:
             rows = cur.fetchmany(batch)
             if not rows:
                 return
-            ids = np.fromiter((vid for vid, _ in rows), dtype=np.int64, count=len(rows))
-            vecs = np.frombuffer(b"".join(blob for _, blob in rows), dtype=np.float32).reshape(len(rows), dim)
-            yield ids, vecs
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, self._vectors_of([r[1:] for r in rows], dim)
 
     def vectors(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """All (ids ``[N]``, vectors ``[N, dim]``) at once."""
@@ -476,6 +548,17 @@ class Catalog:
         if not parts:
             return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def shard_rows(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """The indexed rows whose vectors live in shards, by shard: (shard file name, rows in it
+        ``[m]`` int64, their vector ids ``[m]`` int64), shards and rows in order."""
+        if self.schema < 3:
+            return []
+        out: dict[str, list[tuple[int, int]]] = {}
+        for shard, row, vid in self.db.execute("SELECT shard, shard_row, vector_id FROM files WHERE status = "
+                                               "'indexed' AND shard IS NOT NULL ORDER BY shard, shard_row"):
+            out.setdefault(from_db(shard), []).append((row, vid))
+        return [(s, *np.array(v, np.int64).reshape(-1, 2).T) for s, v in out.items()]
 
     def paths_for(self, ids: Sequence[int]) -> dict[int, str]:
         """vector id -> path for the ids that exist (negative ids, FAISS's "none", are ignored)."""
@@ -489,17 +572,18 @@ class Catalog:
         """The vectors ``[m, dim]`` float32 of ``ids``, in the order asked (an id the catalog lacks:
         a zero row)."""
         ids = [int(i) for i in ids]
-        found: dict[int, bytes] = {}
+        found: dict[int, tuple] = {}
         for s in range(0, len(ids), 900):  # SQLite's bound-parameter limit
             chunk = ids[s:s + 900]
-            found.update(self.db.execute(f"SELECT vector_id, vector FROM files WHERE vector_id IN "
-                                         f"({','.join('?' * len(chunk))})", chunk).fetchall())
-        zero = bytes(4 * dim)
-        return np.frombuffer(b"".join(found.get(i) or zero for i in ids), dtype=np.float32).reshape(len(ids), dim)
+            found.update((r[0], r[1:]) for r in self.db.execute(
+                f"SELECT vector_id, {self._ref_cols} FROM files WHERE vector_id IN ({','.join('?' * len(chunk))})",
+                chunk))
+        none = (None, None, None)
+        return self._vectors_of([found.get(i, none) for i in ids], dim)
 
     def vector_for(self, vector_id: int, dim: int) -> np.ndarray | None:
-        row = self.db.execute("SELECT vector FROM files WHERE vector_id = ?", (int(vector_id),)).fetchone()
-        return np.frombuffer(row[0], dtype=np.float32).reshape(dim) if row else None
+        row = self.db.execute(f"SELECT {self._ref_cols} FROM files WHERE vector_id = ?", (int(vector_id),)).fetchone()
+        return self._vectors_of([row], dim)[0] if row and (row[0] is not None or row[1] is not None) else None
 
     def id_for_path(self, path: str) -> int | None:
         row = self.db.execute("SELECT vector_id FROM files WHERE path = ? AND status = 'indexed'",

@@ -41,6 +41,7 @@ from ..errors import DualsearchError
 from ..storage import os_reason
 from .catalog import IndexedFile, SkippedFile
 from .plan import PART_META, SHARD_PREFIX, TAR_META, Part, Plan, io_skip, make_parts
+from .shards import absolute, filesystem, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +57,7 @@ class SparkIndexError(DualsearchError):
 
 
 # ----------------------------------------------------------------------------- storage (local or URI)
-def absolute(uri: str) -> str:
-    """A local path made absolute on the driver (executors run in their own working folders);
-    URIs (``s3://``, ``file://``...) unchanged."""
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
-def _fs(uri: str):
-    """-> (pyarrow filesystem, path inside it) for a local path or any URI pyarrow knows
-    (s3://, gs://, hdfs://, file://)."""
-    from pyarrow import fs
-
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    try:
-        return fs.FileSystem.from_uri(uri)
-    except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError with a clear text
-        raise SparkIndexError(f"{uri}: cannot open this location ({e})") from e
+_fs = filesystem
 
 
 def done_parts(out_uri: str) -> set[str]:
@@ -424,48 +409,39 @@ def remove_abandoned(catalog, out_uri: str, parts: Sequence[Part]) -> int:
     return len(gone)
 
 
-def read_shard(out_uri: str, file_name: str, batch_rows: int = 50_000) -> Iterator:
-    """Record batches of one shard."""
-    import pyarrow.parquet as pq
-
-    filesystem, root = _fs(out_uri)
-    with filesystem.open_input_file(f"{root}/{file_name}") as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows)
-
-
 def _paths(table) -> list[str]:
     """The path column: file-system bytes (or text, in shards written before 0.2)."""
     return [os.fsdecode(p) if isinstance(p, bytes) else p for p in table["path"].to_pylist()]
 
 
-def _shard_rows(batch, dim: int, file_name: str) -> tuple[list[IndexedFile], list[SkippedFile]]:
-    """One record batch of a shard as catalog rows."""
+def _shard_rows(batch, dim: int, file_name: str, first_row: int) -> tuple[list[IndexedFile], list[SkippedFile]]:
+    """One record batch of a shard as catalog rows: the indexed ones refer to their vector in the
+    shard (``file_name``, row among its indexed rows, counting from ``first_row``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     table = pa.Table.from_batches([batch])
     ok = pc.equal(table["status"], "indexed")
     good, bad = table.filter(ok), table.filter(pc.invert(ok))
-    vecs = np.asarray(good["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False),
-                      np.float32).reshape(-1, dim) if good.num_rows else np.zeros((0, dim), np.float32)
-    if len(vecs) != good.num_rows:
+    if good.num_rows and getattr(table.schema.field("embedding").type, "list_size", -1) != dim:
         raise SparkIndexError(f"{file_name}: vectors of dimension {dim} expected")
-    indexed = [IndexedFile(*row, v) for row, v in zip(
-        zip(_paths(good), good["size"].to_pylist(), good["mtime_ns"].to_pylist()), vecs)]
+    indexed = [IndexedFile(p, s, m, None, file_name, first_row + r) for r, (p, s, m) in enumerate(
+        zip(_paths(good), good["size"].to_pylist(), good["mtime_ns"].to_pylist()))]
     skipped = [SkippedFile(p, s, m, r or "skipped") for p, s, m, r in zip(
         _paths(bad), bad["size"].to_pylist(), bad["mtime_ns"].to_pylist(), bad["reason"].to_pylist())]
     return indexed, skipped
 
 
 def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
-    """Copy one shard into the catalog in one transaction. -> (indexed, skipped)."""
+    """Record one shard in the catalog in one transaction: its files, with references to their
+    vectors in the shard (the catalog stores no copy: :mod:`.shards`). -> (indexed, skipped)."""
     n_ok = n_bad = 0
     with catalog.transaction():
         if part.kind == "tar":
             shard, size, mtime = part.items[0]
             catalog.remove_prefix(f"{shard}::")  # members gone from a rewritten shard
-        for batch in read_shard(out_uri, part.file):
-            indexed, skipped = _shard_rows(batch, dim, part.file)
+        for batch in read_batches(out_uri, part.file, columns=[*SHARD_COLUMNS]):
+            indexed, skipped = _shard_rows(batch, dim, part.file, n_ok)
             catalog.write_batch(indexed, skipped)
             n_ok += len(indexed)
             n_bad += len(skipped)
@@ -473,6 +449,9 @@ def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
             catalog.set_meta(TAR_META + shard, f"{size}:{mtime}")
         catalog.set_meta(PART_META + part.name, str(n_ok + n_bad))
     return n_ok, n_bad
+
+
+SHARD_COLUMNS = ("path", "size", "mtime_ns", "status", "reason", "embedding")
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -540,6 +519,7 @@ def run_plan(job, plan: Plan, report, out_uri: str, shard_size: int = DEFAULT_SH
     out_uri = absolute(out_uri)
     parts = make_parts(plan.todo, plan.tars, shard_size, job.model_hash)
     done = done_parts(out_uri)
+    job.catalog.set_shards_uri(out_uri, done)
     ingested = job.catalog.meta_with_prefix(PART_META)
     pending = [p for p in parts if p.file not in done or PART_META + p.name in ingested]
     shards = f"{len(pending)} shards embedded, {len(parts) - len(pending)} reused"

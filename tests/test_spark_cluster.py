@@ -299,6 +299,35 @@ def test_images_executors_cannot_read(cluster, session, col, tiny_model, local_v
     assert_same_vectors(out, local_vectors, 24)
 
 
+def test_ivfpq_index_built_on_the_cluster(cluster, session, monkeypatch):
+    """The IVF-PQ index of 6,000 vectors in 4 Parquet shards built by the cluster's tasks (sample,
+    add, exact neighbours for tuning), merged on the driver into an on-disk index."""
+    from dualsearch.index import ann, distributed
+    from dualsearch.index.plan import Part
+
+    from .test_distributed_ann import DIM, clustered, write_shard
+
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)
+    shards, out = cluster.root / "ivf-shards", cluster.root / "ivf-index"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(40, DIM))
+    vecs = clustered(rng, 6000, centers)
+    cat = Catalog(out, create=True)
+    cat.set_shards_uri(str(shards))
+    for k in range(4):
+        write_shard(shards, f"s{k}", vecs[1500 * k:1500 * (k + 1)], skipped=3, start=1600 * k)
+        sp.ingest(cat, Part(f"s{k}", "files", ()), str(shards), DIM)
+    built = distributed.build(session, cat, DIM, out, task_rows=1500)  # 4 tasks on 2 workers
+    ids, stored = cat.vectors(DIM)
+    cat.close()
+    index = ann.read(out / built.params["file"], built.params)
+    queries = clustered(np.random.default_rng(1), 200, centers)
+    truth = ids[ann.exact_knn(queries, ann.blocks(stored, np.arange(len(ids))), 10)[1]]
+    assert index.ntotal == 6000 and ann.recall_at(index, queries, truth) >= 0.9
+    assert list(out.glob("vectors.faiss.*.ivfdata")) and not list(shards.glob(".ann-*"))
+
+
 def test_worker_killed_mid_job_then_rerun_resumes(cluster, session, col, tiny_model, local_vectors):
     """Worker 2 (and its executor) killed while a job runs: Spark finishes on worker 1. That job
     wrote half of the shards (as a run stopped midway would); the next run embeds only the rest."""

@@ -10,6 +10,7 @@ killed at any point resumes from the last committed batch. Layout: :mod:`.manife
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -219,6 +220,7 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
     """Index ``src`` (a folder, a list of paths or URIs, or WebDataset shards) with the embedding
     spread over Spark executors (see :mod:`dualsearch.index.spark`)."""
     from ..errors import UsageError
+    from . import distributed
     from . import spark as sp
 
     check_kind(kind)
@@ -234,7 +236,7 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
         apply_removals(job.catalog, plan, inputs, str(src), report, allow_mass_delete)
         sp.run_plan(job, plan, report, embeddings or str(job.out / sp.EMBEDDINGS_DIR), shard_size, batch_size,
                     max_pixels, master, spark)
-        finish(job, report)
+        finish(job, report, functools.partial(distributed.distributed_ann, job, master=master, spark=spark))
     return report
 
 
@@ -294,9 +296,12 @@ def ensure_text_encoder(out: Path, job: IndexJob) -> None:
     install_text_encoder(cached, folder)
 
 
-def finish(job: IndexJob, report: IndexReport) -> None:
+def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "ann.BuiltIndex | None"] | None = None
+           ) -> None:
     """The epilogue: skips and timing into ``report``, the ONNX text encoder, and the ANN index
-    and manifest (re)built when the catalog changed since they were last built."""
+    and manifest (re)built when the catalog changed since they were last built. ``builder(n,
+    kind)``: builds and writes the ANN index of kind ``kind`` into ``job.out`` another way (the
+    Spark path's distributed build), or returns None to leave it to :func:`ann.build_stream`."""
     report.skipped = [(s.path, s.reason) for s in job.catalog.skipped()]
     report.seconds = time.perf_counter() - job.t0
     out, catalog, dim = job.out, job.catalog, job.dim
@@ -319,8 +324,11 @@ def finish(job: IndexJob, report: IndexReport) -> None:
                                  "images_root": catalog.get_meta("images_root"), **_calibration(job, index)})
         return
     n = catalog.count()
-    built = ann.build_stream(lambda: catalog.iter_vectors(dim), n, dim, job.kind, job.memory_budget)
-    ann.write(built.index, out / ANN_FILE)
+    kind = ann.choose_kind(n, dim, job.memory_budget) if job.kind == "auto" else job.kind
+    built = builder(n, kind) if builder is not None else None
+    if built is None:
+        built = ann.build_stream(lambda: catalog.iter_vectors(dim), n, dim, job.kind, job.memory_budget)
+        ann.write(built.index, out / ANN_FILE)
     write_manifest(out, {
         "format_version": MANIFEST_VERSION, "model": {"path": job.model_path, "hash": job.model_hash},
         "dim": dim, "metric": "inner_product", "count": n, "generation": catalog.generation,

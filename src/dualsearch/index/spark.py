@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 10_000
 # what the executor side imports besides the standard library and pyspark: an executor install is
-# dualsearch without its dependencies plus these (scripts/pack_executor_env.sh; never torch)
-EXECUTOR_PACKAGES = ("numpy", "pillow", "pyarrow", "onnxruntime")
+# dualsearch without its dependencies plus these (scripts/pack_executor_env.sh; never torch); faiss
+# for the tasks that build the IVF-PQ index (:mod:`.distributed`)
+EXECUTOR_PACKAGES = ("numpy", "pillow", "pyarrow", "onnxruntime", "faiss-cpu")
 EMBEDDINGS_DIR = "embeddings"
 
 
@@ -531,3 +532,4 @@ def run_plan(job, plan: Plan, report, out_uri: str, shard_size: int = DEFAULT_SH
     for part in parts:
         report.added += ingest(job.catalog, part, out_uri, dim)[0]
     remove_abandoned(job.catalog, out_uri, parts)
+

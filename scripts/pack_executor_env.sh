@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the Python environment Spark executors need for `dualsearch index --engine spark`
-# (dualsearch without its dependencies, plus numpy, Pillow, pyarrow and ONNX Runtime at the versions
-# pyproject.toml asks for; no torch), in a temporary folder, and pack it with venv-pack.
+# (dualsearch without its dependencies, plus numpy, Pillow, pyarrow, ONNX Runtime and faiss-cpu at the
+# versions pyproject.toml asks for; no torch), in a temporary folder, and pack it with venv-pack.
 #
 #   scripts/pack_executor_env.sh [OUT.tar.gz]      (default executor-env.tar.gz; needs the network)
 #
@@ -32,6 +32,6 @@ PY
 # shellcheck disable=SC2086
 "$env/bin/pip" install -q $reqs venv-pack
 "$env/bin/pip" install -q --no-deps "$root"
-"$env/bin/python" -c "import sys; import dualsearch.index.spark; assert 'torch' not in sys.modules"
+"$env/bin/python" -c "import sys; import dualsearch.index.spark, dualsearch.index.distributed; assert 'torch' not in sys.modules"
 "$env/bin/venv-pack" -p "$env" -o "$out" --force -q
 echo "packed $(du -sh "$env" | cut -f1) into $out ($(du -h "$out" | cut -f1))"

@@ -72,7 +72,7 @@ def test_distributed_build_reaches_recall_and_labels_with_catalog_ids(spark, sha
     assert cat.count() == 6000 and cat.count("skipped") == 20
     built = distributed.build(spark, cat, DIM, index_dir, task_rows=1600)  # 3 tasks over 4 shards
     assert built.kind == "ivfpq" and built.params["ondisk"] and built.index.ntotal == 6000
-    assert set(built.seconds) == {"sample", "train", "add", "merge", "tune"}
+    assert set(built.seconds) == {"sample", "train", "add", "merge", "tune"} and built.stats["tasks"] == 3
     assert not list(index_dir.parent.glob("embeddings/.ann-*"))  # the tasks' parts are cleaned up
 
     index = ann.read(index_dir / built.params["file"], built.params)  # a fresh, memory-mapped reader
@@ -128,3 +128,28 @@ def test_index_command_builds_the_ivfpq_index_on_spark(tmp_path, tiny_model, spa
     finally:
         searcher.close()
     assert main(args) == 0 and "2100 unchanged" in capsys.readouterr().out
+
+
+def test_local_ivfpq_index_is_on_disk_and_replaced_whole(tmp_path, tiny_model):
+    """The local path builds IVF-PQ on disk too (`ondisk.build_local` over the catalog): searched
+    through the manifest, and a rebuild leaves one list file."""
+    from dualsearch.index.build import index_vectors
+    from dualsearch.search import Searcher
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(30, 16))
+    x = centers[rng.integers(0, 30, 3000)] + rng.normal(scale=0.3, size=(3000, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    out = tmp_path / "index"
+    paths = [f"/photos/{i:05d}.jpg" for i in range(3000)]
+    index_vectors(out, tiny_model, paths[:2500], x[:2500], kind="ivfpq")
+    index_vectors(out, tiny_model, paths[2500:], x[2500:], kind="ivfpq")  # more photos: rebuilt
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ann"]["kind"] == "ivfpq" and manifest["ann"]["params"]["ondisk"] and manifest["count"] == 3000
+    assert len(list(out.glob("vectors.faiss.*.ivfdata"))) == 1
+    searcher = Searcher.open(out)
+    try:
+        hits = [searcher.search_vector(x[i], k=1).results[0].path for i in range(0, 3000, 100)]
+        assert sum(h == paths[i] for h, i in zip(hits, range(0, 3000, 100))) >= 27  # an image finds itself
+    finally:
+        searcher.close()

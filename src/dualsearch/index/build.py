@@ -325,10 +325,7 @@ def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "an
         return
     n = catalog.count()
     kind = ann.choose_kind(n, dim, job.memory_budget) if job.kind == "auto" else job.kind
-    built = builder(n, kind) if builder is not None else None
-    if built is None:
-        built = ann.build_stream(lambda: catalog.iter_vectors(dim), n, dim, job.kind, job.memory_budget)
-        ann.write(built.index, out / ANN_FILE)
+    built = (builder(n, kind) if builder is not None else None) or one_node_ann(job, n, kind)
     write_manifest(out, {
         "format_version": MANIFEST_VERSION, "model": {"path": job.model_path, "hash": job.model_hash},
         "dim": dim, "metric": "inner_product", "count": n, "generation": catalog.generation,
@@ -337,6 +334,23 @@ def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "an
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_calibration(job, built.index),
     })
     report.kind, report.count = built.kind, n
+
+
+def one_node_ann(job: IndexJob, n: int, kind: str) -> "ann.BuiltIndex":
+    """The ANN index of the catalog's ``n`` vectors built on this machine into ``job.out``: IVF-PQ
+    on disk (:func:`.ondisk.build_local`: inverted lists and refine codes memory-mapped at search),
+    flat and HNSW in one file (:func:`ann.build_stream`, which also stands in for IVF-PQ below
+    2,000 vectors)."""
+    from . import distributed, ondisk
+
+    vectors = lambda: job.catalog.iter_vectors(job.dim)  # noqa: E731
+    if kind == "ivfpq" and n >= max(2000, ondisk.MIN_VECTORS):
+        return ondisk.build_local(vectors, n, job.dim, job.out, pq_bytes=distributed.pq_bytes_for(job.dim))
+    built = ann.build_stream(vectors, n, job.dim, job.kind, job.memory_budget)
+    ann.write(built.index, job.out / ANN_FILE)
+    for stale in job.out.glob(f"{ANN_FILE}.*.ivfdata"):  # an on-disk index's lists, replaced (a server
+        stale.unlink()  # still mapping them keeps them until it swaps)
+    return built
 
 
 def _calibration(job: IndexJob, index) -> dict:

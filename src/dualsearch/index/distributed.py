@@ -39,6 +39,11 @@ TASK_ROWS = 250_000  # vectors a task adds (a group of shards): one IVF file eac
 SAMPLE_SUFFIX = ".sample.npy"
 
 
+def pq_bytes_for(dim: int) -> int:
+    """PQ code bytes a vector: :data:`PQ_BYTES`, or the largest divisor of ``dim`` below it."""
+    return max(m for m in range(1, min(PQ_BYTES, dim) + 1) if dim % m == 0)
+
+
 class Group:
     """One task's work: shards, the rows of each to add, their global positions and vector ids."""
 
@@ -85,6 +90,7 @@ def _add_task(items: Iterator, shards_uri: str, work: str, dim: int, trained, qu
     import faiss
 
     from .ondisk import add_shard
+    from .spark import peak_rss_mb
 
     trained, queries = getattr(trained, "value", trained), getattr(queries, "value", queries)  # Spark broadcasts
     for group in items:
@@ -96,7 +102,7 @@ def _add_task(items: Iterator, shards_uri: str, work: str, dim: int, trained, qu
         scores, at = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
         ids = np.concatenate([s[3] for s in group.shards])
         yield (group.number, len(vectors), time.perf_counter() - t0, scores.tobytes(),
-               np.where(at >= 0, ids[np.clip(at, 0, None)], -1).tobytes(), scores.shape[1])
+               np.where(at >= 0, ids[np.clip(at, 0, None)], -1).tobytes(), scores.shape[1], peak_rss_mb())
 
 
 # ---------------------------------------------------------------------------------- driver side
@@ -128,7 +134,7 @@ def _merge_truth(results: Sequence[tuple], n_queries: int, k: int) -> np.ndarray
     import faiss
 
     heap = faiss.ResultHeap(n_queries, k, keep_max=True)
-    for _, _, _, scores, ids, got in results:
+    for _, _, _, scores, ids, got, _ in results:
         heap.add_result(np.frombuffer(scores, np.float32).reshape(n_queries, got),
                         np.frombuffer(ids, np.int64).reshape(n_queries, got))
     heap.finalize()
@@ -168,9 +174,11 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
         results = _run(lambda: sc.parallelize(groups, len(groups)).mapPartitions(body).collect(), work)
         blob.unpersist()
         seconds["add"], t = time.perf_counter() - t, time.perf_counter()
-        log.info("Spark: %d vectors added by %d tasks (%.1f-%.1f s each)", n, len(results),
-                 min(r[2] for r in results), max(r[2] for r in results))
-        path = ondisk.merge(trained, [os.path.join(work, f"group-{g.number:05d}") for g in groups], out, n, ids)
+        task_peak = max(r[6] for r in results)  # the largest Python worker's peak RSS, MiB
+        log.info("Spark: %d vectors added by %d tasks (%.1f-%.1f s each; Python workers peaked at %.0f MiB)", n,
+                 len(results), min(r[2] for r in results), max(r[2] for r in results), task_peak)
+        labels = None if np.array_equal(ids, np.arange(n)) else ids  # no id map (8 B + a hash entry a vector)
+        path = ondisk.merge(trained, [os.path.join(work, f"group-{g.number:05d}") for g in groups], out, n, labels)
         seconds["merge"], t = time.perf_counter() - t, time.perf_counter()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -178,7 +186,7 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
     params, recall = ann.tune(index, "ivfpq", queries, _merge_truth(results, len(queries), 10), target_recall)
     seconds["tune"] = time.perf_counter() - t
     params = {**params, "refine": refine, "pq_bytes": pq_bytes, "ondisk": True, "file": path.name}
-    return ann.BuiltIndex(index, "ivfpq", params, recall, seconds)
+    return ann.BuiltIndex(index, "ivfpq", params, recall, seconds, {"task_peak_mb": task_peak, "tasks": len(results)})
 
 
 # ------------------------------------------------------------------------------- the index job
@@ -198,8 +206,7 @@ def distributed_ann(job, n: int, kind: str, master: str | None = None, spark=Non
                      else "some vectors are not in Parquet shards")
         return None
     session = spark or spark_session(master)
-    pq_bytes = max(m for m in range(1, min(PQ_BYTES, job.dim) + 1) if job.dim % m == 0)
-    built = build(session, job.catalog, job.dim, job.out, pq_bytes=pq_bytes)
+    built = build(session, job.catalog, job.dim, job.out, pq_bytes=pq_bytes_for(job.dim))
     log.info("IVF-PQ index built on Spark: %s; recall@10 %.3f", ", ".join(f"{k} {v:.1f} s" for k, v in
                                                                         built.seconds.items()), built.recall)
     return built

@@ -69,6 +69,11 @@ def test_merged_shards_answer_as_one_index(data, trained, merged):
     assert faiss.downcast_index(index).base_index.ntotal == N
 
 
+def test_merge_unmaps_the_shards(shards, merged):
+    maps = open("/proc/self/maps").read()
+    assert not any(p + ondisk.IVF_SUFFIX in maps for p in shards)
+
+
 def test_moved_folder_opens_its_own_lists(data, merged, tmp_path):
     _, queries = data
     before = ann.read(merged, PARAMS).search(queries, K)
@@ -219,3 +224,31 @@ def test_build_local(data, tmp_path):
     with pytest.raises(ann.ANNError, match="more than the 3000 vectors expected"):
         ondisk.build_local(ann.blocks(x[:4096], ids[:4096], 1024), 3000, DIM, tmp_path / "long")
     assert not list((tmp_path / "long").iterdir())  # the shards' folder removed
+
+
+def test_without_refine_codes(data, tmp_path):
+    """refine="none": the bare IVF-PQ on disk; tuning works, and the exact route needs a vector getter."""
+    x, queries = data
+    trained = ondisk.new_trained(x, N, pq_bytes=8, refine="none")
+    ids = np.arange(N, dtype=np.int64) * 3 + 1
+    for s, pos in enumerate(np.array_split(np.arange(N), 2)):
+        ondisk.add_shard(trained, x[pos], pos, tmp_path / f"s{s}")
+    assert np.load(tmp_path / f"s0{ondisk.CODES_SUFFIX}").dtype.names == ("pos",)
+    index = ann.read(ondisk.merge(trained, [tmp_path / "s0", tmp_path / "s1"], tmp_path / "out", N, ids))
+    assert isinstance(faiss.downcast_index(index.index), faiss.IndexIVFPQ)
+    params, r = ann.tune(index, "ivfpq", queries, brute(x, ids, queries, ids), 0.95)
+    assert 0.2 < r < 0.95  # 8-byte codes alone cannot reach 0.95
+    assert faiss.extract_index_ivf(index).nprobe == params["nprobe"]
+    allowed = ids[:15]
+    with pytest.raises(ann.ANNError, match="vector getter"):
+        ann.search(index, queries, K, allowed)
+    _, got = ann.search(index, queries, K, allowed, vectors=lambda a: x[np.searchsorted(ids, a)])
+    assert recall(got, brute(x, ids, queries, allowed)) == 1.0
+
+
+def test_executor_side_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, dualsearch.index.ondisk; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -191,6 +191,7 @@ class BuiltIndex:
     params: dict
     recall: float
     seconds: dict = field(default_factory=dict)  # train / add / tune
+    stats: dict = field(default_factory=dict)  # other figures of the build (e.g. Spark tasks' peak RSS, MiB)
 
 
 Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
@@ -432,11 +433,14 @@ def _reconstruct(index: faiss.Index, ids: np.ndarray) -> tuple[np.ndarray, np.nd
             return store.sa_decode(codes.reshape(store.ntotal, store.code_size)[pos]), ids
     try:
         return index.reconstruct_batch(ids), ids
-    except RuntimeError:  # an id the index does not hold
+    except RuntimeError:  # an id the index does not hold, or an index that cannot reconstruct (IVF-PQ alone)
         if not isinstance(index, faiss.IndexIDMap2):
             raise ANNError("this index cannot give back its vectors; pass a vector getter") from None
         ids = ids[np.isin(ids, faiss.vector_to_array(index.id_map))]
-        return (index.reconstruct_batch(ids) if len(ids) else np.empty((0, index.d), np.float32)), ids
+        try:
+            return (index.reconstruct_batch(ids) if len(ids) else np.empty((0, index.d), np.float32)), ids
+        except RuntimeError:
+            raise ANNError("this index cannot give back its vectors; pass a vector getter") from None
 
 
 def exact_filtered(index: faiss.Index, queries: np.ndarray, k: int, allowed: np.ndarray,

@@ -146,17 +146,17 @@ def add_shard(trained: faiss.Index | bytes, vectors: np.ndarray, positions: np.n
 
 
 # ---------------------------------------------------------------------------------- merge (driver)
-def _open_shard(prefix: str, ivf: faiss.Index, code_size: int) -> tuple[faiss.Index, np.ndarray]:
-    """One shard's IVF index (lists memory-mapped) and its records (memory-mapped), checked
-    against the trained ``ivf``."""
+def _open_shard(prefix: str, ivf: faiss.Index, code_size: int) -> tuple[faiss.InvertedLists, np.ndarray]:
+    """One shard's inverted lists (memory-mapped, ``IO_FLAG_MMAP``; its quantizers are checked
+    against the trained ``ivf``, then dropped) and its records (memory-mapped)."""
     try:
         shard = faiss.read_index(prefix + IVF_SUFFIX, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        shard_ivf = faiss.extract_index_ivf(shard)
+        shard_ivf = faiss.downcast_index(faiss.extract_index_ivf(shard))
     except RuntimeError as e:
         raise ann.ANNError(f"shard {prefix}{IVF_SUFFIX}: missing or damaged ({str(e).splitlines()[0]})") from e
-    same = (shard_ivf.nlist == ivf.nlist and shard_ivf.code_size == ivf.code_size and shard_ivf.d == ivf.d
-            and np.array_equal(faiss.vector_to_array(faiss.downcast_index(shard_ivf).pq.centroids),
-                               faiss.vector_to_array(ivf.pq.centroids)))
+    same = (isinstance(shard_ivf, faiss.IndexIVFPQ) and shard_ivf.nlist == ivf.nlist and shard_ivf.d == ivf.d
+            and shard_ivf.code_size == ivf.code_size
+            and np.array_equal(faiss.vector_to_array(shard_ivf.pq.centroids), faiss.vector_to_array(ivf.pq.centroids)))
     if not same:
         raise ann.ANNError(f"shard {prefix}{IVF_SUFFIX} was not built from this trained index")
     try:
@@ -166,7 +166,18 @@ def _open_shard(prefix: str, ivf: faiss.Index, code_size: int) -> tuple[faiss.In
     if records.dtype != _codes_dtype(code_size) or records.ndim != 1 or len(records) != shard.ntotal:
         raise ann.ANNError(f"shard {prefix}{CODES_SUFFIX} does not match {prefix}{IVF_SUFFIX} "
                            f"({len(records)} records of {records.dtype}, {shard.ntotal} vectors)")
-    return shard, records
+    lists = shard_ivf.invlists
+    shard_ivf.own_invlists = False  # as merge_ondisk: the lists outlive the index (its quantizer is freed)
+    return lists, records
+
+
+def _free(lists: faiss.InvertedLists) -> None:
+    """Free lists that :func:`_open_shard` detached (unmapping the shard file): through an IVF
+    index's C++ destructor, since handing their ownership to Python (``thisown``) corrupts
+    faiss 1.15.1's SWIG state when they are deleted (``merge_ondisk`` leaks them instead)."""
+    holder = faiss.IndexIVFFlat(faiss.IndexFlatIP(1), 1, lists.nlist)
+    holder.code_size = lists.code_size
+    holder.replace_invlists(lists, True)
 
 
 def _cover(seen: np.ndarray, pos: np.ndarray, prefix: str) -> None:
@@ -185,20 +196,18 @@ def _cover(seen: np.ndarray, pos: np.ndarray, prefix: str) -> None:
     seen[pos] = True
 
 
-def _check_shards(prefixes: Sequence, ivf: faiss.Index, code_size: int, ntotal: int
-                  ) -> list[tuple[faiss.Index, np.ndarray]]:
-    """Every shard opened and checked; their positions must cover ``0..ntotal-1`` exactly once."""
+def _check_shards(prefixes: Sequence, ivf: faiss.Index, code_size: int, ntotal: int, shards: list) -> None:
+    """Every shard opened and checked, appending ``(its lists, its records)`` to ``shards``; their
+    positions must cover ``0..ntotal-1`` exactly once."""
     seen = np.zeros(ntotal, dtype=bool)
-    shards = []
     for prefix in map(str, prefixes):
-        shard, records = _open_shard(prefix, ivf, code_size)
+        lists, records = _open_shard(prefix, ivf, code_size)
+        shards.append((lists, records))
         _cover(seen, np.asarray(records["pos"]), prefix)
-        shards.append((shard, records))
     if not seen.all():
         missing = np.flatnonzero(~seen)
         raise ann.ANNError(f"the shards hold {ntotal - len(missing)} of {ntotal} positions; "
                            f"{len(missing)} missing, the first {int(missing[0])}")
-    return shards
 
 
 def _place_codes(refine: faiss.Index, shards: list, ntotal: int, block: int = 1 << 16) -> None:
@@ -219,8 +228,8 @@ def _merge_lists(ivf: faiss.Index, shards: list, path: Path) -> int:
     which replace ``ivf``'s (empty) lists. Returns the vectors merged."""
     lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
     vector = faiss.InvertedListsPtrVector()
-    for shard, _ in shards:
-        vector.push_back(faiss.extract_index_ivf(shard).invlists)
+    for lists_of_shard, _ in shards:
+        vector.push_back(lists_of_shard)
     merged = lists.merge_from_multiple(vector.data(), vector.size(), False, False)
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index owns it now
@@ -241,8 +250,11 @@ def merge(trained: faiss.Index | bytes, prefixes: Sequence, out_dir: str | os.Pa
     labels are the positions. Open the result with ``ann.read``.
 
     Peak memory: the refine codes (N x code_size bytes: D for SQ8, 2D for SQfp16) assembled in RAM
-    once, as FAISS must hold them to write ``IndexScalarQuantizer``; a bool per vector to check the
-    positions; ``ids``; the shards' lists and codes are memory-mapped (page cache, not resident).
+    once, as FAISS must hold them to write ``IndexScalarQuantizer`` (a view on a memory-mapped file
+    would stream them, but ``MaybeOwnedVector.create_view`` needs a C++ ``shared_ptr`` owner that
+    faiss 1.15.1's Python bindings cannot make); a bool per vector to check the positions; ``ids``
+    (and FAISS's copy); the trained quantizers once. The shards' lists and codes are memory-mapped
+    (page cache, not resident), each shard's quantizer freed once checked.
     Raises ``ann.ANNError`` (one line) for a missing or damaged shard, a shard built from another
     trained index, or positions that are missing, repeated or out of range; ``StorageError`` when
     the files cannot be written."""
@@ -255,23 +267,30 @@ def merge(trained: faiss.Index | bytes, prefixes: Sequence, out_dir: str | os.Pa
         if len(ids) != ntotal or len(np.unique(ids)) != ntotal:
             raise ann.ANNError(f"ids must be {ntotal} distinct integers, got {len(ids)} "
                                f"({len(np.unique(ids))} distinct)")
-    shards = _check_shards(prefixes, ivf, refine.code_size if refine is not None else 0, ntotal)
+    top = faiss.IndexIDMap2(faiss.downcast_index(index)) if ids is not None else index  # it wraps an empty index
     out = Path(out_dir) / name
     ivfdata = out.with_name(f"{name}.{secrets.token_hex(4)}{IVFDATA_SUFFIX}")
-    with atomic_path(ivfdata) as tmp:
-        if _merge_lists(ivf, shards, tmp) != ntotal:
-            raise ann.ANNError(f"the shards' lists hold {ivf.ntotal} vectors; {ntotal} expected")
+    shards: list = []
+    try:
+        _check_shards(prefixes, ivf, refine.code_size if refine is not None else 0, ntotal, shards)
+        with atomic_path(ivfdata) as tmp:
+            if _merge_lists(ivf, shards, tmp) != ntotal:
+                raise ann.ANNError(f"the shards' lists hold {ivf.ntotal} vectors; {ntotal} expected")
+        if refine is not None:
+            _place_codes(refine, shards, ntotal)
+    finally:
+        for lists, _ in shards:
+            _free(lists)
     faiss.downcast_InvertedLists(ivf.invlists).filename = str(ivfdata)
-    if refine is not None:
-        _place_codes(refine, shards, ntotal)
-    del shards
-    if ids is not None:  # IndexIDMap2 takes an empty index, then its id map
-        inner, index = index, faiss.IndexIDMap2(faiss.downcast_index(index))
-        faiss.copy_array_to_vector(ids, index.id_map)
-        inner.ntotal = index.ntotal = ntotal
-    else:
-        index.ntotal = ntotal
-    ann.write(index, out)
+    index.ntotal = ntotal
+    if ids is not None:
+        faiss.copy_array_to_vector(ids, top.id_map)
+        top.ntotal = ntotal
+    try:
+        ann.write(top, out)
+    except BaseException:
+        ivfdata.unlink(missing_ok=True)  # the index file it was made for was not written
+        raise
     for old in out.parent.glob(f"{glob.escape(name)}.*{IVFDATA_SUFFIX}"):  # earlier merges' lists
         if old != ivfdata:
             old.unlink(missing_ok=True)

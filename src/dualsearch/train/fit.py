@@ -1,10 +1,16 @@
 """Training runs with PyTorch Lightning.
 
-Each side of a pair comes from one of two paths, chosen per tower:
-  - cached: the tower is frozen (and, for images, inputs are not augmented) -> its features are
-    computed once (and cached on disk), and training runs only its projection head on them;
-  - raw: images are decoded / captions tokenised and the tower runs every step (a trainable tower,
-    augmentation, or the reference's behaviour, for the speed benchmark).
+Each side of a pair comes from one of three paths, chosen per tower (:func:`choose_sides`):
+  - cached features: the tower is frozen (and, for images, inputs are not augmented) -> its
+    features are computed once (and cached on disk), and training runs only its projection head;
+  - cached activations: the tower trains its last N blocks (``last:N``, N below its number of
+    blocks) and its inputs are not augmented -> the activations at the cut point (the input of the
+    first trainable block) are computed once and cached as float16 (the cache key holds the cut
+    point; EfficientNet-Lite0 ``last:1``: 31,360 bytes per image), and training runs the last N
+    blocks, the pooling and the head on them (:mod:`dualsearch.encode.activations`);
+  - raw: images are decoded / captions tokenised and the whole tower runs every step (``all``,
+    augmentation, a tower that cannot be cut, no cache, or the reference's behaviour, for the speed
+    benchmark); a trainable tower falling back to it says why in one log line.
 The run writes a model folder: config.json, model.safetensors, loss_history.csv, loss.png.
 """
 from __future__ import annotations
@@ -31,12 +37,13 @@ import torch
 from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
+from ..encode.activations import image_bytes
 from ..encode.features import fill_image_prior
 from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
 from ..storage import atomic_path, write_text
 from .module import DualEncoderModule, EpochProgress, History, TrainingError
-from .pairs import MIN_TRAIN_IMAGES, build_loaders
+from .pairs import MIN_TRAIN_IMAGES, Side, build_loaders
 from .recipes import RECIPES, recipe  # noqa: F401 (the run's recipes, importable from here too)
 
 log = logging.getLogger(__name__)
@@ -136,7 +143,46 @@ def _sigint_restored():
             signal.signal(signal.SIGINT, handler)
 
 
-def _train(module: DualEncoderModule, tcfg: TrainConfig, train_dl, val_dl, history: list[dict], cached,
+def _side(tower, name: str, use_cache: bool, augment: bool, cache_activations: bool) -> Side:
+    """One tower's path (see the module's docstring); a trainable tower that cannot use cached
+    activations logs why, once."""
+    if tower.is_frozen:
+        return Side("features") if use_cache and not augment else Side("raw")
+    cut = tower.cut_point()
+    mode = tower.trainable_mode
+    if cut is None:
+        why = f"{mode} trains every block"
+    elif augment:
+        why = "its inputs are augmented on the fly (--augment)"
+    elif not use_cache:
+        why = "the feature cache is off"
+    elif not cache_activations:
+        why = "cached activations are off"
+    else:
+        why = tower.cut_problem(cut)
+    if why:
+        log.info("%s tower %s: %s; the whole tower runs every step (raw mode)", name, mode, why)
+        return Side("raw")
+    shape = tower.activation_shape(cut)
+    size = (f"{image_bytes(tower, cut):,} bytes per image" if name == "image"
+            else f"{shape[-1] * 2:,} bytes per token")
+    total = len(list(tower.blocks()))
+    log.info("%s tower %s: cached activations at block %d (%s float16, %s); its last %d of %d blocks, pooling "
+             "and head run every step", name, mode, cut, "[" + ", ".join("L" if d < 0 else str(d) for d in shape) + "]",
+             size, total - cut, total)
+    return Side("activations", cut)
+
+
+def choose_sides(model: DualEncoder, tcfg: TrainConfig, use_cache: bool = True,
+                 cache_activations: bool = True) -> tuple[Side, Side]:
+    """(image side, text side): cached features for a frozen tower (images: unless augmented),
+    cached activations at the cut point for a ``last:N`` tower that can be cut (unless augmented,
+    ``use_cache`` is off or ``cache_activations`` is false), else raw."""
+    return (_side(model.image_tower, "image", use_cache, tcfg.augment, cache_activations),
+            _side(model.text_tower, "text", use_cache, False, cache_activations))
+
+
+def _train(module: DualEncoderModule, tcfg: TrainConfig, train_dl, val_dl, history: list[dict], sides,
            accelerator: str, devices: int | str, on_gpu: bool, progress: bool) -> _Outcome:
     """The Lightning run, its checkpoints in a temporary folder that is always removed."""
     ckpt_dir = tempfile.mkdtemp(prefix="dualsearch-ckpt-")
@@ -147,7 +193,7 @@ def _train(module: DualEncoderModule, tcfg: TrainConfig, train_dl, val_dl, histo
         outcome = _run(trainer, module, checkpoint, train_dl, val_dl)
         if outcome.stopped_in is None:
             log.info("trained %d epochs in %.1f s (image %s, text %s)", len(history), time.perf_counter() - t0,
-                     *("cached features" if c else "tower every step" for c in cached))
+                     *(side.describe() for side in sides))
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return outcome
@@ -156,10 +202,13 @@ def _train(module: DualEncoderModule, tcfg: TrainConfig, train_dl, val_dl, histo
 def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val: Sequence[ImageCaption],
         out: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
         accelerator: str = "auto", devices: int | str = "auto", num_workers: int | None = None,
-        init_model: DualEncoder | None = None, progress: bool = True, extra: dict | None = None) -> FitResult:
+        init_model: DualEncoder | None = None, progress: bool = True, extra: dict | None = None,
+        cache_activations: bool = True) -> FitResult:
     """Train a dual encoder (``init_model``, or a new one from ``mcfg``) on ``train``, early-stopped
     on ``val`` (or on the training loss without it); restore the best epoch's weights and (if
-    ``out``) write its model folder. Frozen towers' features are cached under ``cache_dir``.
+    ``out``) write its model folder. Frozen towers' features are cached under ``cache_dir``, and
+    so are a ``last:N`` tower's activations at its cut point (``cache_activations=False``: that
+    tower runs whole every step instead; see :func:`choose_sides`).
     Progress (features, then epochs) goes to stderr: bars on a terminal, else one line per step
     and per epoch; ``progress=False`` shows none.
 
@@ -176,18 +225,17 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     if model is None:  # a prior's class-name features come through the feature cache
         model = DualEncoder(mcfg, fill_prior=False)
         fill_image_prior(model, cache_dir if use_cache else None)
-    cached = (use_cache and model.image_tower.is_frozen and not tcfg.augment,
-              use_cache and model.text_tower.is_frozen)
+    sides = choose_sides(model, tcfg, use_cache, cache_activations)
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    train_dl, val_dl = build_loaders(model, tcfg, train, val, cached, cache_dir if use_cache else None,
+    train_dl, val_dl = build_loaders(model, tcfg, train, val, sides, cache_dir if use_cache else None,
                                      "cuda" if on_gpu else "cpu", num_workers, progress)
     # computing features draws from the global RNG (DataLoader seeds): seed again so that both
     # paths start training from the same random state (same dropout masks, same batches)
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
-    module = DualEncoderModule(model, tcfg, cached, "val_loss" if val_dl is not None else "train_loss")
+    module = DualEncoderModule(model, tcfg, sides, "val_loss" if val_dl is not None else "train_loss")
     history: list[dict] = []
     with _sigint_restored():
-        outcome = _train(module, tcfg, train_dl, val_dl, history, cached, accelerator, devices, on_gpu, progress)
+        outcome = _train(module, tcfg, train_dl, val_dl, history, sides, accelerator, devices, on_gpu, progress)
         if outcome.best_epoch is None and (outcome.stopped_in is not None or outcome.failure is not None):
             _raise_nothing_written(outcome)
         model = module.model.cpu().eval()

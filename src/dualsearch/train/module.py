@@ -12,6 +12,7 @@ from ..config import TrainConfig
 from ..errors import DualsearchError
 from ..logs import on_terminal, progress, quiet_libraries, say
 from ..model.dual_encoder import DualEncoder
+from .pairs import Side
 
 # Lightning sets its loggers to INFO on import; keep its tips and banners out of our output
 if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
@@ -24,32 +25,41 @@ class TrainingError(DualsearchError):
 
 
 class DualEncoderModule(pl.LightningModule):
-    """Trains ``model`` on batches of (image side, text side): each side is a cached tower feature
-    ``[B, F]`` (``cached[i]`` true: only its head runs) or raw input (pixels ``[B,3,S,S]`` / token
-    dicts: the tower runs every step). The loss is the model's own (seed, CLIP or SigLIP); the
-    learning rate falls on plateaus of ``monitor`` ("val_loss", or "train_loss" without validation)."""
+    """Trains ``model`` on batches of (image side, text side), each as its :class:`Side` says: a
+    cached tower feature ``[B, F]`` (``features``: only its head runs), cached activations at the
+    tower's cut point (``activations``: images ``[B,C,H,W]``, captions (``[B,L,D]``, mask ``[B,L]``),
+    float16; the tower's blocks from the cut on, its pooling and its head run) or raw input
+    (pixels ``[B,3,S,S]`` / token dicts: the tower runs every step). The loss is the model's own
+    (seed, CLIP or SigLIP); the learning rate falls on plateaus of ``monitor`` ("val_loss", or
+    "train_loss" without validation)."""
 
-    def __init__(self, model: DualEncoder, tcfg: TrainConfig, cached: tuple[bool, bool], monitor: str = "val_loss"):
+    def __init__(self, model: DualEncoder, tcfg: TrainConfig, sides: tuple[Side, Side], monitor: str = "val_loss"):
         super().__init__()
         self.model = model
         self.tcfg = tcfg
-        self.cached = cached
+        self.sides = sides
         self.monitor = monitor
         self.strict_loading = False
 
     def on_train_epoch_start(self):
-        # heads (and trainable towers) train; frozen towers stay in eval mode (no dropout, fixed BN)
+        # heads and trainable blocks train; frozen towers and blocks stay in eval mode (no dropout, fixed BN)
         self.model.train()
         for tower in (self.model.image_tower, self.model.text_tower):
-            if tower.is_frozen:
-                tower.eval()
+            tower.train_parts()
 
     def _embed(self, batch):
         a, b = batch
-        image_cached, text_cached = self.cached
-        img = (self.model.image_head(a) if image_cached
-               else self.model.encode_image(a.contiguous(memory_format=torch.channels_last)))
-        txt = self.model.text_head(b) if text_cached else self.model.encode_text(b)
+        image, text = self.sides
+        m = self.model
+        if image.kind == "activations":
+            img = m.image_head(m.image_tower.forward_from(image.cut, a.float()))
+        else:
+            img = m.image_head(a) if image.kind == "features" else m.encode_image(
+                a.contiguous(memory_format=torch.channels_last))
+        if text.kind == "activations":
+            txt = m.text_head(m.text_tower.forward_from(text.cut, (b[0].float(), b[1])))
+        else:
+            txt = m.text_head(b) if text.kind == "features" else m.encode_text(b)
         return img, txt
 
     def diverged(self, what: str) -> TrainingError:

@@ -1,7 +1,9 @@
-"""What training batches are made of: (image, caption) pairs from cached features or raw inputs."""
+"""What training batches are made of: (image, caption) pairs from cached features, cached
+activations at a tower's cut point, or raw inputs."""
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -12,23 +14,39 @@ from ..config import TrainConfig
 from ..data.images import ImageLoadError, load_image
 from ..data.readers import DataError
 from ..data.records import ImageCaption
-from ..encode.features import tower_features
+from ..encode.activations import image_activations, text_activations
+from ..encode.features import flatten_captions, tower_features
 from ..encode.loader import default_workers
 
 MIN_TRAIN_IMAGES = 2  # a contrastive batch needs a negative
 
 
+@dataclass(frozen=True)
+class Side:
+    """How one side of the pairs reaches its head: ``features`` (a frozen tower's output, computed
+    once), ``activations`` (a ``last:N`` tower's activations at block ``cut``, computed once; its
+    last blocks run every step) or ``raw`` (pixels / tokens; the whole tower runs every step)."""
+
+    kind: str = "raw"
+    cut: int | None = None
+
+    def describe(self) -> str:
+        return {"features": "cached features", "raw": "tower every step"}.get(
+            self.kind, f"cached activations at block {self.cut}")
+
+
 class Pairs(Dataset):
-    """(image item, caption item) pairs. Each side is either a cached tower feature (a tensor) or a
-    raw input (preprocessed pixels; a caption string, tokenised by the collate), so that a frozen
-    tower uses its cache even when the other tower trains.
+    """(image item, caption item) pairs. Each side is either cached (a tower feature ``[F]``, or the
+    activations at a cut point: ``[C,H,W]`` for an image, ``[L,D]`` for a caption, float16) or a raw
+    input (preprocessed pixels; a caption string, tokenised by the collate), so that a frozen tower
+    uses its cache even when the other tower trains.
 
     ``pairs="all"``: every (image, caption) pair once an epoch (the reference);
     ``pairs="sample"``: one item per image, its caption drawn at random each time (so a batch never
     holds the same image twice); ``fixed=True`` draws caption 0 (for validation)."""
 
     def __init__(self, records: Sequence[ImageCaption], pairs: str, image_feats: np.ndarray | None = None,
-                 text_feats: np.ndarray | None = None, preprocess=None, target_size: int = 224,
+                 text_feats: np.ndarray | list[np.ndarray] | None = None, preprocess=None, target_size: int = 224,
                  fixed: bool = False, augment: bool = False):
         self.records = list(records)
         counts = np.array([len(r.captions) for r in self.records])
@@ -37,7 +55,8 @@ class Pairs(Dataset):
         self.owner = np.repeat(np.arange(len(self.records)), counts)
         self.pairs = pairs
         self.img = torch.from_numpy(image_feats) if image_feats is not None else None
-        self.txt = torch.from_numpy(text_feats) if text_feats is not None else None
+        self.txt = (None if text_feats is None else [torch.from_numpy(a) for a in text_feats]
+                    if isinstance(text_feats, list) else torch.from_numpy(text_feats))
         self.preprocess = preprocess
         self.target_size = target_size
         self.fixed = fixed
@@ -78,7 +97,8 @@ def _augment(img):
 
 
 class PairCollate:
-    """Stacks tensors, tokenises caption strings, drops images that failed to decode."""
+    """Stacks tensors, tokenises caption strings, pads captions' cached activations ``[L_i, D]`` into
+    (``[B, L, D]``, padding mask ``[B, L]``), drops images that failed to decode."""
 
     def __init__(self, tokenize):
         self.tokenize = tokenize
@@ -89,25 +109,48 @@ class PairCollate:
             return None
         images = torch.stack([b[0] for b in batch])
         texts = [b[1] for b in batch]
-        return images, (torch.stack(texts) if isinstance(texts[0], torch.Tensor) else self.tokenize(texts))
+        if not isinstance(texts[0], torch.Tensor):
+            return images, self.tokenize(texts)
+        if texts[0].dim() == 1:
+            return images, torch.stack(texts)
+        lengths = torch.tensor([len(t) for t in texts])
+        mask = (torch.arange(int(lengths.max())) < lengths[:, None]).long()
+        return images, (torch.nn.utils.rnn.pad_sequence(texts, batch_first=True), mask)
+
+
+def _side_inputs(model, sides: tuple[Side, Side], records, cache_root, device: str, num_workers, progress: bool):
+    """(records kept, image side's cached array or None, text side's or None): the image side first
+    (images that fail to decode are left out), then the captions of the records kept."""
+    image, text = sides
+    img = txt = None
+    if image.kind == "features":
+        f = tower_features(model, records, cache_root, device, num_workers, images=True, texts=False,
+                           show_progress=progress)
+        records, img = f.records, f.image
+    elif image.kind == "activations":
+        records, img = image_activations(model.image_tower, image.cut, records, cache_root, device, num_workers,
+                                         show_progress=progress)
+    if text.kind == "features":
+        txt = tower_features(model, records, cache_root, device, num_workers, images=False, texts=True,
+                             show_progress=progress).text
+    elif text.kind == "activations":
+        txt = text_activations(model.text_tower, text.cut, flatten_captions(records)[0], cache_root, device,
+                               show_progress=progress)
+    return records, img, txt
 
 
 def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
-                  val: Sequence[ImageCaption], cached: tuple[bool, bool], cache_root, device: str,
+                  val: Sequence[ImageCaption], sides: tuple[Side, Side], cache_root, device: str,
                   num_workers: int | None, progress: bool = True):
-    """(train, val or None) DataLoaders; a side whose tower is frozen (and, for images, not
-    augmented) reads features computed once through the cache under ``cache_root`` (None: no
-    cache), the other side reads raw inputs. Raises :class:`DataError` when fewer than
+    """(train, val or None) DataLoaders; a side whose tower is frozen (``features``) or cut
+    (``activations``) reads what was computed once through the cache under ``cache_root`` (None:
+    no cache), a ``raw`` side reads raw inputs. Raises :class:`DataError` when fewer than
     ``MIN_TRAIN_IMAGES`` training images are left once unreadable ones are dropped. ``progress``:
     feature steps show their progress (:func:`dualsearch.logs.progress`)."""
-    image_cached, text_cached = cached
+    image_cached = sides[0].kind != "raw"
 
     def dataset(records, fixed):
-        img_f = txt_f = None
-        if image_cached or text_cached:
-            f = tower_features(model, records, cache_root, device, num_workers, images=image_cached,
-                               texts=text_cached, show_progress=progress)
-            records, img_f, txt_f = f.records, f.image, f.text
+        records, img_f, txt_f = _side_inputs(model, sides, records, cache_root, device, num_workers, progress)
         return Pairs(records, tcfg.pairs, img_f, txt_f, model.image_tower.preprocessor(),
                      model.image_tower.image_size, fixed=fixed, augment=tcfg.augment and not fixed)
 

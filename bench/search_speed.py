@@ -137,15 +137,44 @@ def text_int8() -> list[list]:
              "1" if n == "fp32" else f"{cos:.4f}"] for n, v in lat.items()]
 
 
-def startup(n: int = 1_000_000, runs: int = 5) -> list[list]:
+def _serve_ready(exe: str, out, port: int):
+    """Start `dualsearch serve OUT` -> (process, seconds to its first answered /health)."""
+    import subprocess
+    import urllib.request
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, "serve", str(out), "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+            return proc, time.perf_counter() - t0
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dualsearch serve {out} exited with {proc.returncode}") from None
+            time.sleep(0.02)
+
+
+def _rss_mib(pid: int) -> dict:
+    """VmRSS, RssAnon, RssFile of process ``pid`` in MiB (/proc/PID/status)."""
+    from pathlib import Path
+
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: int(ln.split()[1]) / 1024 for ln in lines for k in ("VmRSS", "RssAnon", "RssFile")
+            if ln.startswith(k + ":")}
+
+
+def startup(n: int = 1_000_000, runs: int = 5, kind: str = "flat") -> list[list]:
     """Cold start: `dualsearch search INDEX TEXT` (a fresh process, median of ``runs``) and the time
-    from starting `dualsearch serve INDEX` to its first answered /health, on an index of ``n``
-    clustered vectors (``--ann flat``: the largest file to read, 1 GiB at 1M; built once under
-    bench-out/) with the default model's text encoder."""
+    from starting `dualsearch serve INDEX` to its first answered /health, then the server's resident
+    memory after 200 text searches, on an index of ``n`` clustered vectors of kind ``kind`` (flat:
+    the largest file to read, 1 GiB at 1M; ivfpq: on disk, lists and refine codes memory-mapped;
+    built once under bench-out/) with the default model's text encoder."""
     import shutil
     import socket
     import statistics
     import subprocess
+    import urllib.parse
     import urllib.request
     from pathlib import Path
 
@@ -154,13 +183,14 @@ def startup(n: int = 1_000_000, runs: int = 5) -> list[list]:
     from dualsearch.index.build import index_vectors
     from dualsearch.model.dual_encoder import DualEncoder
 
-    model_dir, out = BENCH_DIR / "index-model", BENCH_DIR / f"startup-{n}"
+    model_dir = BENCH_DIR / "index-model"
+    out = BENCH_DIR / (f"startup-{n}" if kind == "flat" else f"startup-{n}-{kind}")
     if not (model_dir / "config.json").is_file():
         DualEncoder(ModelConfig()).eval().save(model_dir)
     if not (out / "manifest.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
         x, _ = make("clustered", n, 1)
-        index_vectors(out, model_dir, [f"/nonexistent/img{i:07d}.jpg" for i in range(n)], x, kind="flat")
+        index_vectors(out, model_dir, [f"/nonexistent/img{i:07d}.jpg" for i in range(n)], x, kind=kind)
     exe = str(Path(sys.executable).with_name("dualsearch"))
     cold = []
     for _ in range(runs):
@@ -170,22 +200,22 @@ def startup(n: int = 1_000_000, runs: int = 5) -> list[list]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([exe, "serve", str(out), "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc, ready = _serve_ready(exe, out, port)
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
-                break
-            except OSError:
-                time.sleep(0.02)
-        ready = time.perf_counter() - t0
+        at_ready = _rss_mib(proc.pid)
+        words = ("red", "blue", "circle", "square", "star", "two", "small", "large", "green", "triangle")
+        for i in range(200):
+            q = urllib.parse.quote(f"a {words[i % 10]} {words[(i * 7) % 10]} on white {i}")
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/search?q={q}&k=9", timeout=30).read()
+        after = _rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait()
-    return [[n, "flat", f"{statistics.median(cold):.2f} s (min {min(cold):.2f}, max {max(cold):.2f})",
-             f"{ready:.2f} s", "load %.1f" % os.getloadavg()[0]]]
+    files = sum(f.stat().st_size for f in out.glob("vectors.faiss*"))
+    return [[n, kind, f"{statistics.median(cold):.2f} s (min {min(cold):.2f}, max {max(cold):.2f})",
+             f"{ready:.2f} s", f"{at_ready['VmRSS']:.0f} MiB",
+             f"{after['VmRSS']:.0f} MiB (anon {after['RssAnon']:.0f}, file {after['RssFile']:.0f})",
+             f"{files / 2**20:.0f} MiB", "load %.1f" % os.getloadavg()[0]]]
 
 
 def main() -> None:
@@ -197,11 +227,13 @@ def main() -> None:
     ap.add_argument("--only-text-int8", action="store_true", help="only the INT8 text encoder latency table")
     ap.add_argument("--startup", type=int, metavar="N", default=0,
                     help="only the cold-start table: search and serve on an index of N vectors (e.g. 1000000)")
+    ap.add_argument("--startup-kinds", default="flat", help="index kinds for --startup (flat, hnsw, ivfpq)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.startup:
+        rows = [r for kind in args.startup_kinds.split(",") for r in startup(args.startup, kind=kind)]
         print(table(["vectors", "index", "search cold (CLI, fresh process)", "serve: start to first /health",
-                     "load"], startup(args.startup)))
+                     "serve RSS at start", "serve RSS after 200 searches", "index files", "load"], rows))
         return
     int8 = text_int8()
     print("\ntext encoder latency, one query (ONNX Runtime, default threads), fp32 against INT8 (dynamic):")

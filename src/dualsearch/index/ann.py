@@ -52,7 +52,7 @@ def ivf_lists(n: int) -> int:
 
 
 def _inner(index):
-    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
 def ivfpq_refine(n: int, dim: int, memory_budget_bytes: float = 8e9) -> str:
@@ -395,7 +395,7 @@ def _filter_params(index: faiss.Index, sel, widen: float, min_ef: float = 0) -> 
         return faiss.SearchParametersHNSW(sel=sel, efSearch=ef), ef >= inner.ntotal
     if isinstance(inner, faiss.IndexRefine):
         ivf = faiss.extract_index_ivf(inner.base_index)
-        local = faiss.IDSelectorTranslated(index.id_map, sel) if isinstance(index, faiss.IndexIDMap2) else sel
+        local = faiss.IDSelectorTranslated(index.id_map, sel) if isinstance(index, faiss.IndexIDMap) else sel
         nprobe = int(min(ivf.nprobe * widen, ivf.nlist))
         base = _ivf_params(ivf, local, nprobe)
         params = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=base)
@@ -426,7 +426,7 @@ def _reconstruct(index: faiss.Index, ids: np.ndarray) -> tuple[np.ndarray, np.nd
     store = _code_store(index)
     if store is not None and store.ntotal == index.ntotal and hasattr(store.codes, "data"):
         id_map = (faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size())
-                  if isinstance(index, faiss.IndexIDMap2) else np.arange(index.ntotal))
+                  if isinstance(index, faiss.IndexIDMap) else np.arange(index.ntotal))
         pos = np.searchsorted(id_map, ids).clip(0, max(0, len(id_map) - 1))
         if len(id_map) and (id_map[pos] == ids).all():
             codes = faiss.rev_swig_ptr(store.codes.data(), store.ntotal * store.code_size)
@@ -434,7 +434,7 @@ def _reconstruct(index: faiss.Index, ids: np.ndarray) -> tuple[np.ndarray, np.nd
     try:
         return index.reconstruct_batch(ids), ids
     except RuntimeError:  # an id the index does not hold, or an index that cannot reconstruct (IVF-PQ alone)
-        if not isinstance(index, faiss.IndexIDMap2):
+        if not isinstance(index, faiss.IndexIDMap):
             raise ANNError("this index cannot give back its vectors; pass a vector getter") from None
         ids = ids[np.isin(ids, faiss.vector_to_array(index.id_map))]
         try:

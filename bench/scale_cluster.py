@@ -81,7 +81,7 @@ def main() -> None:
     rows, results = [], []
     for n in [int(s) for s in args.sizes.split(",")]:
         root = scale.write_shards(n, args.shard_rows)
-        local = scale.run(scale.child_build, str(root), n, "ondisk-pq32", 8e9, args.shard_rows)
+        local = scale.run(scale.child_build, str(root), n, "ondisk-pq32", 8e9, args.shard_rows, 0.95)
         local["query"] = scale.run(scale.child_query, str(root), n, "ondisk-pq32")
         with standalone(args.workers, 1, args.worker_memory) as master:
             dist = scale.run(child_cluster, str(root), n, master)

@@ -81,7 +81,10 @@ def test_spark_matches_local_path(tmp_path, collection, tiny_model, spark):  # n
     db.close()
 
 
-def test_shard_folder_gone_is_one_line(tmp_path, collection, tiny_model, spark, capsys):  # noqa: F811
+def test_shard_folder_moved_or_damaged(tmp_path, collection, tiny_model, spark, capsys):  # noqa: F811
+    """The shards are the only copy of the Spark path's vectors: a moved folder is refused up front
+    (before embedding) until named, then followed; lost or damaged shards have their images
+    embedded again; a copied index reads its own shards."""
     out = tmp_path / "idx"
     build_index_spark(str(collection), tiny_model, out, shard_size=10, spark=spark)
     moved = tmp_path / "elsewhere"
@@ -93,16 +96,39 @@ def test_shard_folder_gone_is_one_line(tmp_path, collection, tiny_model, spark, 
             searcher.id_vector(0)
     finally:
         searcher.close()
+    extra = collection / "new.jpg"
+    shutil.copy(sorted(collection.glob("*.jpg"))[0], extra)
     args = ["-q", "index", str(collection), "--model", str(tiny_model), "--out", str(out), "--engine", "spark"]
     capsys.readouterr()
+    assert main(args) == 2  # moved, not named: nothing embedded into the old place
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not under" in err[0] and "pass --embeddings NEWPLACE" in err[0], err
+    assert not (out / "embeddings").exists()
     assert main([*args, "--embeddings", str(tmp_path / "empty")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "its vectors live in the Parquet shards under" in err
-    assert main([*args, "--embeddings", str(moved)]) == 0  # the shards moved: followed
-    assert "0 embedded" in capsys.readouterr().out
-    _, vectors = Catalog(out, readonly=True).vectors(searcher.dim)
-    assert vectors.shape == (24, searcher.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "index's vectors live in the Parquet shards under" in err[0], err
+    assert main([*args, "--embeddings", str(moved)]) == 0  # named: followed, and recorded
+    assert "1 embedded" in capsys.readouterr().out
+    assert main(args) == 0 and "0 embedded" in capsys.readouterr().out  # the recorded place is used
+    extra.unlink()
+    assert main(args) == 0 and "1 removed" in capsys.readouterr().out
 
+    shards = sorted(moved.glob("part-*.parquet"))
+    refs = Catalog(out, readonly=True).shard_refs()
+    damaged = refs[shards[0].name][0] + refs[shards[1].name][0]
+    shards[0].write_bytes(shards[0].read_bytes()[:200])  # truncated
+    shards[1].unlink()  # lost
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{damaged} embedded" in printed and f"{24 - damaged} unchanged" in printed, printed
+    _, vectors = Catalog(out, readonly=True).vectors(16)
+    assert vectors.shape == (24, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+    copy = tmp_path / "copy"  # the default place is recorded relative to the index folder
+    build_index_spark(str(collection), tiny_model, copy / "idx", shard_size=10, spark=spark)
+    shutil.copytree(copy, tmp_path / "copy2")
+    shutil.rmtree(copy)
+    assert Catalog(tmp_path / "copy2" / "idx", readonly=True).vectors(16)[1].shape == (24, 16)
 
 def test_rerun_after_partial_run_ends_without_duplicates(tmp_path, collection, tiny_model, spark,  # noqa: F811
                                                          monkeypatch):

@@ -231,11 +231,11 @@ def build_index_spark(src: str, model_path: str | os.PathLike, out: str | os.Pat
     _require_images(str(src), inputs, out)
     with index_job(out, model_path, kind, memory_budget) as job:
         job.catalog.set_root(_images_root(str(src), inputs), move=os.path.isdir(str(src)))
+        shards = sp.prepare_shards(job.catalog, embeddings, str(job.out / sp.EMBEDDINGS_DIR))
         plan = diff(job.catalog, inputs)
         report = IndexReport(found=len(inputs.files), tars=len(inputs.tars), unchanged=plan.unchanged)
         apply_removals(job.catalog, plan, inputs, str(src), report, allow_mass_delete)
-        sp.run_plan(job, plan, report, embeddings or str(job.out / sp.EMBEDDINGS_DIR), shard_size, batch_size,
-                    max_pixels, master, spark)
+        sp.run_plan(job, plan, report, shards, shard_size, batch_size, max_pixels, master, spark)
         finish(job, report, functools.partial(distributed.distributed_ann, job, master=master, spark=spark))
     return report
 

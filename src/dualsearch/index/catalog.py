@@ -472,23 +472,41 @@ class Catalog:
             "SELECT path, reason FROM files WHERE status = 'skipped' ORDER BY path")]
 
     # ------------------------------------------------------------------ vectors
-    def set_shards_uri(self, uri: str, present: set[str] | None = None) -> None:
-        """Record where the Parquet shards holding this catalog's shard-referenced vectors live
-        (:mod:`.shards`). When rows already refer to shards elsewhere, the record moves only if
-        ``present`` (the shard file names found at ``uri``) holds every shard they refer to (the
-        folder was moved); else raises :class:`CatalogError`."""
-        current = self.get_meta("shards_uri")
-        if current == uri:
-            return
-        referred = {from_db(s) for (s,) in self.db.execute("SELECT DISTINCT shard FROM files WHERE shard IS NOT NULL")}
-        if current and referred and not referred <= (present or set()):
-            raise CatalogError(f"{self.path.parent}: its vectors live in the Parquet shards under {current}, and "
-                               f"{uri} lacks {len(referred - (present or set()))} of them; pass --embeddings "
-                               f"{current} (or move the shards there)")
-        if current and referred:
-            log.info("the shards holding this index's vectors moved from %s to %s", current, uri)
-        self.set_meta("shards_uri", uri)
+    @property
+    def shards_uri(self) -> str | None:
+        """Where the Parquet shards holding this catalog's shard-referenced vectors live: a URI, or
+        an absolute path (stored relative to the index folder when inside it, so a copied or moved
+        index reads its own shards)."""
+        uri = self.get_meta("shards_uri")
+        if uri and "://" not in uri and not os.path.isabs(uri):
+            return os.path.normpath(os.path.join(self.path.parent.resolve(), uri))
+        return uri
+
+    def set_shards_uri(self, uri: str) -> None:
+        """Record where the shards are (see :attr:`shards_uri`); :func:`.spark.prepare_shards`
+        checks that they are there first."""
+        folder = str(self.path.parent.resolve())
+        stored = os.path.relpath(uri, folder) if "://" not in uri and uri.startswith(folder + os.sep) else uri
+        if stored != self.get_meta("shards_uri"):
+            self.set_meta("shards_uri", stored)
+            self.__dict__.pop("_shard_cache", None)
+
+    def shard_refs(self) -> dict[str, tuple[int, int]]:
+        """shard file name -> (indexed rows referring to it, their largest row)."""
+        if self.schema < 3:
+            return {}
+        return {from_db(s): (c, m) for s, c, m in self.db.execute(
+            "SELECT shard, COUNT(*), MAX(shard_row) FROM files WHERE shard IS NOT NULL GROUP BY shard")}
+
+    def forget_shards(self, names: Sequence[str]) -> int:
+        """Delete the rows whose vectors are in the shards ``names`` (lost or damaged: their files
+        are then planned again as new). -> rows deleted."""
+        with self.transaction():
+            n = sum(self.db.execute("DELETE FROM files WHERE shard = ?", (to_db(name),)).rowcount for name in names)
+            if n:
+                self._bump()
         self.__dict__.pop("_shard_cache", None)
+        return n
 
     def _shard_vectors(self, shard: str, dim: int) -> np.ndarray:
         """The indexed vectors ``[n, dim]`` of one shard, the last two read kept in memory."""
@@ -496,7 +514,7 @@ class Catalog:
 
         cache = self.__dict__.setdefault("_shard_cache", {})
         if shard not in cache:
-            uri = self.get_meta("shards_uri")
+            uri = self.shards_uri
             if uri is None:
                 raise CatalogError(f"{self.path}: rows refer to shard {shard} but no shard folder is recorded")
             if len(cache) >= 2:

@@ -150,7 +150,7 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
     from . import ondisk
     from .shards import absolute
 
-    shards_uri = absolute(catalog.get_meta("shards_uri"))
+    shards_uri = absolute(catalog.shards_uri)
     groups, ids = group_shards(catalog.shard_rows(), task_rows)
     n = len(ids)
     sc = spark.sparkContext
@@ -198,7 +198,7 @@ def distributed_ann(job, n: int, kind: str, master: str | None = None, spark=Non
     from . import ondisk
     from .spark import spark_session
 
-    uri = job.catalog.get_meta("shards_uri")
+    uri = job.catalog.shards_uri
     shard_held = sum(len(rows) for _, rows, _ in job.catalog.shard_rows()) if kind == "ivfpq" else 0
     if kind != "ivfpq" or n < max(2000, ondisk.MIN_VECTORS) or not uri or "://" in uri or shard_held != n:
         if kind == "ivfpq" and n >= 2000:

@@ -72,3 +72,10 @@ def read_embeddings(uri: str, file_name: str, dim: int) -> np.ndarray:
     parts = [indexed_embeddings(b, dim, f"{uri}/{file_name}")
              for b in read_batches(uri, file_name, columns=["status", "embedding"])]
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def indexed_count(uri: str, file_name: str) -> int:
+    """How many rows of one shard are indexed (reads its status column only). Raises
+    :class:`ShardError` for a missing or unreadable shard."""
+    return sum(int((b.column(0).to_numpy(zero_copy_only=False) == "indexed").sum())
+               for b in read_batches(uri, file_name, columns=["status"]))

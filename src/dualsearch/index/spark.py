@@ -455,6 +455,67 @@ def ingest(catalog, part: Part, out_uri: str, dim: int) -> tuple[int, int]:
 SHARD_COLUMNS = ("path", "size", "mtime_ns", "status", "reason", "embedding")
 
 
+# ----------------------------------------------------------------------------- where the vectors are
+def _shard_problems(uri: str, refs: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """The referenced shards that are missing under ``uri``, unreadable, or hold fewer indexed rows
+    than the catalog refers to (rewritten): name -> why."""
+    from .shards import ShardError, indexed_count
+
+    present = done_parts(uri)
+    bad = {}
+    for name, (_, top) in refs.items():
+        if name not in present:
+            bad[name] = "missing"
+            continue
+        try:
+            n = indexed_count(uri, name)
+        except ShardError as e:
+            bad[name] = str(e).split(" (", 1)[-1].rstrip(")") or "unreadable"
+            continue
+        if n <= top:
+            bad[name] = f"holds {n} vectors, row {top} referred to (rewritten)"
+    return bad
+
+
+def prepare_shards(catalog, requested: str | None, default: str) -> str:
+    """Where this run keeps its shards, checked before anything is planned: ``requested``
+    (``--embeddings``), else where the catalog recorded them, else ``default``. Shards the catalog
+    refers to that are missing, unreadable or rewritten there have their files embedded again (the
+    rows are forgotten, so the plan finds them new), with a warning. Raises
+    :class:`SparkIndexError` when none of them is there and the folder is gone (moved: pass it as
+    ``--embeddings``), or when a requested new place lacks some of them."""
+    recorded = catalog.shards_uri
+    uri = absolute(requested or recorded or default)
+    refs = catalog.shard_refs()
+    if refs:
+        filesystem, root = _fs(uri)
+        from pyarrow import fs
+
+        gone = filesystem.get_file_info(root).type == fs.FileType.NotFound
+        bad = dict.fromkeys(refs, "missing") if gone else _shard_problems(uri, refs)
+        if recorded and uri != recorded and bad:
+            raise SparkIndexError(f"this index's vectors live in the Parquet shards under {recorded}, and {uri} lacks "
+                                  f"or cannot read {len(bad)} of them; pass --embeddings {recorded} (or move the "
+                                  f"shards there)")
+        if gone:
+            raise SparkIndexError(f"the {len(refs)} Parquet shards holding this index's vectors are not under {uri} "
+                                  f"(no such folder): if you moved them, pass --embeddings NEWPLACE; to embed their "
+                                  f"{sum(c for c, _ in refs.values())} images again, create the empty folder {uri}")
+        if recorded and uri != recorded:
+            log.info("the shards holding this index's vectors moved from %s to %s", recorded, uri)
+        if bad:
+            name, why = next(iter(bad.items()))
+            n = catalog.forget_shards(list(bad))
+            catalog.delete_meta([PART_META + b[len(SHARD_PREFIX):-len(".parquet")] for b in bad])
+            for b, problem in bad.items():
+                if problem != "missing":
+                    filesystem.delete_file(f"{root}/{b}")
+            log.warning("%d of the %d shards holding this index's vectors under %s are missing or damaged (%s: %s); "
+                        "their %d images are embedded again", len(bad), len(refs), uri, name, why, n)
+    catalog.set_shards_uri(uri)
+    return uri
+
+
 # ----------------------------------------------------------------------------- the runner
 MOSTLY_UNREADABLE = 0.5  # a run whose executors could not read more of its images than this stops
 
@@ -520,7 +581,6 @@ def run_plan(job, plan: Plan, report, out_uri: str, shard_size: int = DEFAULT_SH
     out_uri = absolute(out_uri)
     parts = make_parts(plan.todo, plan.tars, shard_size, job.model_hash)
     done = done_parts(out_uri)
-    job.catalog.set_shards_uri(out_uri, done)
     ingested = job.catalog.meta_with_prefix(PART_META)
     pending = [p for p in parts if p.file not in done or PART_META + p.name in ingested]
     shards = f"{len(pending)} shards embedded, {len(parts) - len(pending)} reused"

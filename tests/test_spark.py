@@ -94,6 +94,13 @@ def test_shard_folder_moved_or_damaged(tmp_path, collection, tiny_model, spark, 
         assert searcher.search("a red circle", k=3)  # the ANN index holds what a text search needs
         with pytest.raises(DualsearchError, match="cannot read this shard"):  # "more like this" needs its vector
             searcher.id_vector(0)
+        from fastapi.testclient import TestClient
+
+        from dualsearch.server.app import create_app
+
+        with TestClient(create_app(searcher)) as client:  # the server says so too, not "internal error"
+            r = client.get("/api/similar/0")
+            assert r.status_code == 503 and "cannot read this shard" in r.json()["detail"]
     finally:
         searcher.close()
     extra = collection / "new.jpg"
@@ -113,8 +120,8 @@ def test_shard_folder_moved_or_damaged(tmp_path, collection, tiny_model, spark, 
     extra.unlink()
     assert main(args) == 0 and "1 removed" in capsys.readouterr().out
 
-    shards = sorted(moved.glob("part-*.parquet"))
     refs = Catalog(out, readonly=True).shard_refs()
+    shards = [moved / name for name in sorted(refs)[:2]]
     damaged = refs[shards[0].name][0] + refs[shards[1].name][0]
     shards[0].write_bytes(shards[0].read_bytes()[:200])  # truncated
     shards[1].unlink()  # lost

@@ -32,6 +32,7 @@ from swagger_ui_bundle import swagger_ui_path
 from ..data.images import ImageLoadError, is_uri, load_image, stored_source
 from ..data.records import ImageRef, display_name
 from ..index.catalog import CatalogError, PhotoFilter
+from ..index.shards import ShardError
 from ..search import Page, QueryError, Result, Searcher
 from .ids import parse_id
 from .live import LiveSearcher
@@ -285,6 +286,11 @@ def _image_routes(app: FastAPI, sources: Sources, thumbs: Thumbnails) -> None:
     @app.exception_handler(ImageLoadError)
     def bad_image(_, exc: ImageLoadError):
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(ShardError)
+    def unreadable_store(_, exc: ShardError):  # the index's own files (e.g. a lost Parquet shard): say which
+        log.error("%s", exc)
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
 
 def json_safe(value):

@@ -143,6 +143,9 @@ def test_cli_filters_paths_and_json(indexed, library, capsys):
     assert main(["-q", "search", str(indexed), "a red circle", "--in", "2023", "--paths", "-k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(line.startswith(str(library / "2023")) for line in lines)
+    for root in (str(library), str(library) + "/"):  # the indexed folder itself: everything in it
+        assert main(["-q", "search", str(indexed), "a red circle", "--in", root, "--paths", "-k", "50"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == Catalog(indexed, readonly=True).count()
     assert main(["-q", "search", str(indexed), "a red circle", "--camera", "canon", "--json", "--offset", "4"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2 and {h["camera_make"] for h in hits} == {"Canon"} and "weak" in hits[0]

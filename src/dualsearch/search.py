@@ -206,7 +206,7 @@ class Searcher:
         ``skip``; only a page of them becomes :class:`Result` objects (:meth:`_results`)."""
         scores, ids = ann.search(self.index, q.reshape(1, -1), fetch + len(skip), allowed, vectors=self._vectors)
         keep = (ids[0] >= 0) & ~np.isin(ids[0], list(skip))
-        return ids[0][keep], scores[0][keep]
+        return ids[0][keep], np.minimum(scores[0][keep], 1.0)  # cosine; codes' rounding can pass 1 (SQ8: 1.0003)
 
     def _results(self, q: np.ndarray, ids: np.ndarray, scores: np.ndarray, counts=None) -> list[Result]:
         """Results for ``ids`` with their paths, weak marks and metadata (``counts``: group sizes)."""

@@ -177,8 +177,16 @@ class PhotoFilter:
             args.extend(values)
 
         if self.folders:
-            bounds = [b for f in self.folders for b in _folder_bounds(from_db(rel(f.rstrip("/"))))]
-            any_of(["(path >= ? AND path < ?)"] * len(bounds), [b for pair in bounds for b in pair])
+            parts, values = [], []
+            for f in self.folders:
+                f = f.rstrip("/") or "/"
+                if from_db(rel(f + "/\x00")) == "\x00":  # the indexed root itself: every row stored relative
+                    parts.append("(CAST(substr(path, 1, 1) AS TEXT) != '/' AND instr(path, '://') = 0)")
+                    continue
+                for lo, hi in _folder_bounds(from_db(rel(f))):
+                    parts.append("(path >= ? AND path < ?)")
+                    values += [lo, hi]
+            any_of(parts, values)
         if self.globs:
             pats = [g if "/" in g else p for g in self.globs for p in (g, "*/" + g)]
             any_of(["path GLOB ?"] * len(pats), pats)

@@ -200,10 +200,12 @@ def distributed_ann(job, n: int, kind: str, master: str | None = None, spark=Non
 
     uri = job.catalog.shards_uri
     shard_held = sum(len(rows) for _, rows, _ in job.catalog.shard_rows()) if kind == "ivfpq" else 0
-    if kind != "ivfpq" or n < max(2000, ondisk.MIN_VECTORS) or not uri or "://" in uri or shard_held != n:
+    if kind != "ivfpq" or n < max(2000, ondisk.MIN_VECTORS) or not uri or "://" in uri or shard_held != n \
+            or not os.access(uri, os.W_OK):
         if kind == "ivfpq" and n >= 2000:
             log.info("IVF-PQ index built on the driver: %s", "the shards are under a URI" if uri and "://" in uri
-                     else "some vectors are not in Parquet shards")
+                     else "some vectors are not in Parquet shards" if shard_held != n
+                     else f"the tasks cannot write their parts under {uri}")
         return None
     session = spark or spark_session(master)
     built = build(session, job.catalog, job.dim, job.out, pq_bytes=pq_bytes_for(job.dim))

@@ -29,11 +29,13 @@ RAM" (``OnDiskInvertedLists``, ``IO_FLAG_MMAP``); ``faiss/invlists/OnDiskInverte
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +84,9 @@ def new_trained(sample: np.ndarray, n_total: int, pq_bytes: int = 32, refine: st
     ivfpq = faiss.downcast_index(ivf)
     ivfpq.pq.cp.seed = seed
     ivfpq.do_polysemous_training = False  # the factory's default; its codes order serves only Hamming filtering
+    if len(sample) < 39 * 256:  # FAISS warns once per sub-quantizer (32 lines); say it once
+        log.info("PQ trained on %d vectors (FAISS advises %d for 256 centroids a sub-quantizer)", len(sample), 39 * 256)
+        ivfpq.pq.cp.min_points_per_centroid = 1
     index.train(sample)
     return index
 
@@ -223,6 +228,20 @@ def _place_codes(refine: faiss.Index, shards: list, ntotal: int, block: int = 1 
     refine.ntotal = ntotal
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """The C library's stdout (file descriptor 1) sent to /dev/null for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _merge_lists(ivf: faiss.Index, shards: list, path: Path) -> int:
     """``merge_ondisk``'s steps: the shards' lists merged into ``OnDiskInvertedLists`` at ``path``,
     which replace ``ivf``'s (empty) lists. Returns the vectors merged."""
@@ -230,7 +249,8 @@ def _merge_lists(ivf: faiss.Index, shards: list, path: Path) -> int:
     vector = faiss.InvertedListsPtrVector()
     for lists_of_shard, _ in shards:
         vector.push_back(lists_of_shard)
-    merged = lists.merge_from_multiple(vector.data(), vector.size(), False, False)
+    with _quiet_stdout():  # OnDiskInvertedLists prints "resizing FILE to N bytes" with printf
+        merged = lists.merge_from_multiple(vector.data(), vector.size(), False, False)
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index owns it now
     ivf.ntotal = merged

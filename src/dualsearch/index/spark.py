@@ -285,8 +285,12 @@ def probe_executors(spark, out_uri: str, samples: Sequence[str]) -> None:
     most ``samples``. Raises :class:`SparkIndexError` (one line, no re-run advice) when not."""
     filesystem, root = _fs(out_uri)
     marker = f".probe-{uuid.uuid4().hex}"
-    with filesystem.open_output_stream(f"{root}/{marker}") as f:
-        f.write(b"written by the driver")
+    try:
+        with filesystem.open_output_stream(f"{root}/{marker}") as f:
+            f.write(b"written by the driver")
+    except OSError as e:  # read-only, immutable, no permission, full
+        raise SparkIndexError(f"cannot write the shards under --embeddings {out_uri} ({os_reason(e)}); give a "
+                              f"folder this machine and the executors can write") from e
     sc = spark.sparkContext
     n = max(1, min(int(sc.defaultParallelism), 16))
     try:

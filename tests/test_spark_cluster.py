@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ from dualsearch.index.build import build_index, build_index_spark
 from dualsearch.index.catalog import Catalog
 
 from .test_spark import catalog_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from _cluster import free_port, wait_for  # noqa: E402 (the benchmarks start their clusters the same way)
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java: `make java` installs it")
 
@@ -50,23 +52,6 @@ class Cluster:
     namespaces: bool
     procs: dict = field(default_factory=dict)
     workers_up: object = None  # () -> None once both workers have registered with the master
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if log.is_file() and text in log.read_text(errors="replace"):
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    pytest.fail(f"{log.name}: no {text!r} after {time.monotonic() - t0:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def namespaces_work(root: Path) -> bool:

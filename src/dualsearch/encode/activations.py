@@ -23,9 +23,8 @@ from ..data.records import ImageCaption, SkipLog
 from ..errors import Interrupted
 from ..logs import progress
 from ..model.towers import eval_mode
-from .cache import FeatureCache, activation_cache, image_key, text_key
-from .features import _fill_from_cache, _stopped, _with_cached
-from .loader import image_loader
+from .cache import activation_cache, image_key, text_key
+from .features import _fill_from_cache, _stopped, _with_cached, fill_images
 
 log = logging.getLogger(__name__)
 
@@ -59,35 +58,14 @@ def image_activations(tower, cut: int, records: Sequence[ImageCaption], cache_ro
         skipped = SkipLog()
         if todo:
             with eval_mode(tower, device):
-                _compute_images(tower, cut, refs, todo, keys, cache, acts, ok, skipped, desc, batch_size,
-                                num_workers, device, show_progress)
+                fill_images(lambda px: tower.forward_to(cut, px.to(device)).flatten(1).to("cpu", torch.float16).numpy(),
+                            tower, refs, todo, keys, cache, acts, ok, skipped, desc, batch_size, num_workers,
+                            show_progress)
         skipped.report("images")
     finally:
         if cache:
             cache.close()
     return [r for r, good in zip(records, ok) if good], acts[ok].reshape(-1, *shape)
-
-
-def _compute_images(tower, cut, refs, todo, keys, cache: FeatureCache | None, acts, ok, skipped, desc, batch_size,
-                    num_workers, device, show_progress) -> None:
-    done = 0
-    try:
-        with progress(len(todo), desc, "img", "images", enabled=show_progress) as bar:
-            for idx, pixels, bad in image_loader([refs[i] for i in todo], tower, batch_size, num_workers):
-                for j, reason in bad:
-                    skipped.add(refs[todo[j]].name, reason)
-                if pixels is not None:
-                    out = tower.forward_to(cut, pixels.to(device)).flatten(1).to("cpu", torch.float16).numpy()
-                    rows = [todo[j] for j in idx]
-                    if cache:
-                        cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
-                    acts[rows], ok[rows] = out, True
-                done += len(idx) + len(bad)
-                bar.update(len(idx) + len(bad))
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        raise _stopped(desc, done, len(todo), "images", cache is not None) from None
 
 
 @torch.inference_mode()

@@ -61,6 +61,19 @@ def compute_image_features(tower, refs: Sequence[ImageRef], cache: FeatureCache 
         return feats, ok
     forward, used = image_forward(tower, tower.fingerprint(), tower.image_size, cache_root or default_cache_dir(),
                                   engine, device)
+    fill_images(forward, tower, refs, todo, keys, cache, feats, ok, skipped, desc, batch_size, num_workers,
+                show_progress)
+    log.debug("%s: %d images (%s)", desc, len(todo), used)
+    return feats, ok
+
+
+def fill_images(forward, tower, refs: Sequence[ImageRef], todo: list[int], keys: Sequence[str],
+                cache: FeatureCache | None, out: np.ndarray, ok: np.ndarray, skipped: SkipLog | None, desc: str,
+                batch_size: int, num_workers: int | None, show_progress: bool) -> None:
+    """Decode the images ``refs[todo]`` in batches (the tower's preprocessing), run ``forward``
+    (pixels ``[B, 3, S, S]`` -> rows ``[B, F]`` numpy) and store its rows in ``out`` (and
+    ``cache`` under ``keys``), marking them in ``ok``; bad images go to ``skipped``. Ctrl-C raises
+    :class:`~dualsearch.errors.Interrupted` (batches already computed stay cached)."""
     done = 0
     try:
         with progress(len(todo), desc, "img", "images", enabled=show_progress) as bar:
@@ -69,19 +82,17 @@ def compute_image_features(tower, refs: Sequence[ImageRef], cache: FeatureCache 
                     if skipped is not None:
                         skipped.add(refs[todo[j]].name, reason)
                 if pixels is not None:
-                    out = forward(pixels)
+                    got = forward(pixels)
                     rows = [todo[j] for j in idx]
                     if cache:
-                        cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
-                    feats[rows], ok[rows] = out, True
+                        cache.put_many([(keys[r], got[n]) for n, r in enumerate(rows)])
+                    out[rows], ok[rows] = got, True
                 done += len(idx) + len(bad)
                 bar.update(len(idx) + len(bad))
     except Interrupted:
         raise
     except KeyboardInterrupt:
         raise _stopped(desc, done, len(todo), "images", cache is not None) from None
-    log.debug("%s: %d images (%s)", desc, len(todo), used)
-    return feats, ok
 
 
 def _with_cached(desc: str, cached: int, noun: str, all_cached: bool) -> str:

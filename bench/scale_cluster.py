@@ -43,7 +43,7 @@ def child_cluster(root: str, n: int, master: str, out: mp.Queue) -> None:
     from dualsearch.storage import write_bytes
 
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    root = Path(root)
+    root = Path(root).resolve()
     folder = scale.index_dir(root, MODE)
     shutil.rmtree(folder, ignore_errors=True)
     cat = Catalog(folder, create=True)
@@ -83,6 +83,7 @@ def main() -> None:
         root = scale.write_shards(n, args.shard_rows)
         local = scale.run(scale.child_build, str(root), n, "ondisk-pq32", 8e9, args.shard_rows, 0.95)
         local["query"] = scale.run(scale.child_query, str(root), n, "ondisk-pq32")
+        print(f"  {n:,} one node: {json.dumps(local)}", flush=True)
         with standalone(args.workers, 1, args.worker_memory) as master:
             dist = scale.run(child_cluster, str(root), n, master)
         dist["query"] = scale.run(scale.child_query, str(root), n, MODE)

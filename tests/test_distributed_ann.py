@@ -153,3 +153,15 @@ def test_local_ivfpq_index_is_on_disk_and_replaced_whole(tmp_path, tiny_model):
         assert sum(h == paths[i] for h, i in zip(hits, range(0, 3000, 100))) >= 27  # an image finds itself
     finally:
         searcher.close()
+
+
+def test_shards_uri_is_absolute_or_relative_to_the_index(tmp_path, monkeypatch):
+    """A relative path is taken from the working folder; inside the index folder it is stored
+    relative to it (a copy reads its own shards); outside, absolute."""
+    monkeypatch.chdir(tmp_path)
+    cat = Catalog(tmp_path / "index", create=True)
+    cat.set_shards_uri("elsewhere/emb")
+    assert cat.shards_uri == str(tmp_path / "elsewhere" / "emb")
+    cat.set_shards_uri(str(tmp_path / "index" / "embeddings"))
+    assert cat.get_meta("shards_uri") == "embeddings" and cat.shards_uri == str(tmp_path / "index" / "embeddings")
+    cat.close()

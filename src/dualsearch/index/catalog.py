@@ -493,7 +493,9 @@ class Catalog:
     def set_shards_uri(self, uri: str) -> None:
         """Record where the shards are (see :attr:`shards_uri`); :func:`.spark.prepare_shards`
         checks that they are there first."""
-        folder = str(self.path.parent.resolve())
+        from .shards import absolute
+
+        uri, folder = absolute(uri), str(self.path.parent.resolve())
         stored = os.path.relpath(uri, folder) if "://" not in uri and uri.startswith(folder + os.sep) else uri
         if stored != self.get_meta("shards_uri"):
             self.set_meta("shards_uri", stored)

@@ -13,7 +13,8 @@ image->text R@5. "train s" is the mean wall time of one training run (features c
 training a tower's last blocks: its activations at the cut point cached too, computed on the first
 run), "s/epoch" the mean wall time of one epoch (training and validation); "features s" is the first
 run's feature time on an empty cache (both towers, every split; the conse prior's 1,000 class names
-included), measured once per set. ``--epochs N`` caps every variant's epochs (timing runs).
+included), measured once per set and image tower, in the cache its variants then train on. ``--epochs N``
+caps every variant's epochs (timing runs).
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ VARIANTS = [
     # every step ("raw"; fit(cache_activations=False))
     ("default: image last:1 (cached activations)", "default", {"image_trainable": "last:1"}),
     ("default: image last:1 (raw)", "default", {"image_trainable": "last:1", "cache_activations": False}),
+    # bigger offline image towers (issue 15, item 7; weights: the `towers` extra): the same recipe, its
+    # conse prior from each tower's own ImageNet classifier; Lite1 at 240 px, Lite2 at 260 px
+    ("default: efficientnet-lite1", "default", {"image_tower": "efficientnet-lite1"}),
+    ("default: efficientnet-lite2", "default", {"image_tower": "efficientnet-lite2"}),
 ]
 
 
@@ -71,15 +76,32 @@ def load_sets(names: list[str], args) -> dict[str, tuple]:
     return sets
 
 
-def feature_seconds(parts: tuple) -> float:
-    """First-run feature time on an empty cache: both towers over every split, and the prior's class names."""
-    model = DualEncoder(recipe("default")[0], fill_prior=False)
-    with tempfile.TemporaryDirectory(prefix="dualsearch-quality-") as cache:
-        t0 = time.perf_counter()
-        for records in parts:
-            tower_features(model, records, cache, show_progress=False)
-        fill_image_prior(model, cache)
-        return time.perf_counter() - t0
+def image_tower(name: str, overrides: dict) -> str:
+    """The image tower a variant trains on."""
+    return recipe(name, **{k: v for k, v in overrides.items() if k != "cache_activations"})[0].image_tower
+
+
+def feature_seconds(parts: tuple, tower: str, cache: str) -> float:
+    """First-run feature time on the empty cache ``cache`` (then kept for that tower's variants): both
+    towers over every split, and the prior's class names."""
+    model = DualEncoder(recipe("default", image_tower=tower)[0], fill_prior=False)
+    t0 = time.perf_counter()
+    for records in parts:
+        tower_features(model, records, cache, show_progress=False)
+    fill_image_prior(model, cache)
+    secs = time.perf_counter() - t0
+    print(f"  features, {tower}: {secs:.0f} s", file=sys.stderr, flush=True)
+    return secs
+
+
+def feature_caches(parts: tuple, towers: set[str], root: str | None, default: str) -> tuple[dict, dict]:
+    """image tower -> (cache directory, first-run feature seconds): with ``root``, one empty cache per
+    tower under it, timed as it fills (so each tower's time includes the text tower's); else
+    ``default`` for every tower, untimed."""
+    if root is None:
+        return dict.fromkeys(towers, default), dict.fromkeys(towers, "-")
+    caches = {t: tempfile.mkdtemp(prefix=f"{t}-", dir=root) for t in sorted(towers)}
+    return caches, {t: round(feature_seconds(parts, t, caches[t]), 1) for t in sorted(towers)}
 
 
 def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[int], cache) -> dict:
@@ -128,15 +150,18 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = [v for v in VARIANTS if args.variants == "all" or v[0] in args.variants.split(",")]
     rows, summary = [], []
+    towers = {label: image_tower(name, ov) for label, name, ov in wanted}
+    tmp = tempfile.TemporaryDirectory(prefix="dualsearch-quality-")
     for set_name, parts in load_sets(args.sets.split(","), args).items():
         timed = args.feature_time == "all" or (args.feature_time == "real" and set_name != "shapes")
-        feat_s = round(feature_seconds(parts), 1) if timed else "-"
-        results = {label: measure(label, name, {**ov, "epochs": args.epochs}, parts, seeds, args.cache_dir)
-                   for label, name, ov in wanted}
-        rows += [row(set_name, label, r, feat_s) for label, r in results.items()]
+        caches, feat_s = feature_caches(parts, set(towers.values()), tmp.name if timed else None, args.cache_dir)
+        results = {label: measure(label, name, {**ov, "epochs": args.epochs}, parts, seeds,
+                                  caches[towers[label]]) for label, name, ov in wanted}
+        rows += [row(set_name, label, r, feat_s[towers[label]]) for label, r in results.items()]
         if "seed" in results and "default" in results:
             gain = results["default"]["runs"][:, 1].mean() - results["seed"]["runs"][:, 1].mean()
             summary.append(f"{set_name}: default - seed, held-out t2i R@5 = {gain:+.1f} points (target: >= +12)")
+    tmp.cleanup()
     print(f"\nbench/quality.py on {machine()}; seeds {seeds}; mean ± std over seeds")
     print(table(["set", "gallery", "variant", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@5", "epochs", "train s",
                  "s/epoch", "features s"], rows))

@@ -20,11 +20,9 @@ import numpy as np
 import torch
 
 from ..data.records import ImageCaption, SkipLog
-from ..errors import Interrupted
-from ..logs import progress
 from ..model.towers import eval_mode
 from .cache import activation_cache, image_key, text_key
-from .features import _fill_from_cache, _stopped, _with_cached, fill_images
+from .features import _fill_from_cache, _with_cached, fill_images, fill_texts
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +80,18 @@ def text_activations(tower, cut: int, texts: Sequence[str], cache_root: str | os
     todo = sorted((i for i, a in enumerate(out) if a is None), key=lambda i: len(texts[i]))
     desc = _with_cached(f"text activations at layer {cut}", len(texts) - len(todo), "texts",
                         not todo and show_progress)
-    done = 0
+
+    def step(rows: list[int]) -> list[np.ndarray]:
+        tokens = {k: v.to(device) for k, v in tower.tokenize([texts[i] for i in rows]).items()}
+        hidden, mask = tower.forward_to(cut, tokens)
+        hidden, keep = hidden.to("cpu", torch.float16).numpy(), mask.bool().cpu().numpy()
+        for n, r in enumerate(rows):
+            out[r] = hidden[n][keep[n]]
+        return [out[r] for r in rows]
+
     try:
-        with eval_mode(tower, device), progress(len(todo), desc, "text", "texts", enabled=show_progress) as bar:
-            for s in range(0, len(todo), batch_size):
-                rows = todo[s:s + batch_size]
-                tokens = {k: v.to(device) for k, v in tower.tokenize([texts[i] for i in rows]).items()}
-                hidden, mask = tower.forward_to(cut, tokens)
-                hidden, keep = hidden.to("cpu", torch.float16).numpy(), mask.bool().cpu().numpy()
-                for n, r in enumerate(rows):
-                    out[r] = hidden[n][keep[n]]
-                if cache:
-                    cache.put_many([(keys[r], out[r]) for r in rows])
-                done += len(rows)
-                bar.update(len(rows))
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        raise _stopped(desc, done, len(todo), "texts", cache is not None) from None
+        with eval_mode(tower, device):
+            fill_texts(step, todo, keys, cache, desc, batch_size, show_progress)
     finally:
         if cache:
             cache.close()

@@ -126,23 +126,36 @@ def compute_text_features(tower, texts: Sequence[str], cache: FeatureCache | Non
         return feats
     forward, used = text_forward(tower, tower.fingerprint(), cache_root or default_cache_dir(), engine, device)
     todo.sort(key=lambda i: len(texts[i]))  # short padding
+
+    def step(rows: list[int]) -> np.ndarray:
+        out = forward(tower.tokenize([texts[i] for i in rows]))
+        feats[rows] = out
+        return out
+
+    fill_texts(step, todo, keys, cache, desc, batch_size, show_progress)
+    log.debug("%s: %d texts (%s)", desc, len(todo), used)
+    return feats
+
+
+def fill_texts(step, todo: list[int], keys: Sequence[str], cache: FeatureCache | None, desc: str, batch_size: int,
+               show_progress: bool) -> None:
+    """Run ``step(rows)`` (it computes and stores the outputs of the texts ``rows`` and returns
+    them, one per row) over ``todo`` in batches of ``batch_size``, caching each row's output under
+    ``keys``; progress and Ctrl-C as :func:`fill_images`."""
     done = 0
     try:
         with progress(len(todo), desc, "text", "texts", enabled=show_progress) as bar:
             for s in range(0, len(todo), batch_size):
                 rows = todo[s:s + batch_size]
-                out = forward(tower.tokenize([texts[i] for i in rows]))
+                out = step(rows)
                 if cache:
                     cache.put_many([(keys[r], out[n]) for n, r in enumerate(rows)])
-                feats[rows] = out
                 done += len(rows)
                 bar.update(len(rows))
     except Interrupted:
         raise
     except KeyboardInterrupt:
         raise _stopped(desc, done, len(todo), "texts", cache is not None) from None
-    log.debug("%s: %d texts (%s)", desc, len(todo), used)
-    return feats
 
 
 def flatten_captions(records: Sequence[ImageCaption]) -> tuple[list[str], np.ndarray]:

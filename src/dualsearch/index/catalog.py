@@ -216,6 +216,7 @@ class Catalog:
     def __init__(self, folder: str | os.PathLike, create: bool = False, readonly: bool = False):
         self.path = Path(folder) / CATALOG_FILE
         self.readonly = readonly
+        self._shard_cache: dict[str, np.ndarray] = {}  # the last two shards' vectors read (_shard_vectors)
         if not (create and not readonly) and not self.path.is_file():
             raise CatalogError(f"{folder}: not a dualsearch index (no {CATALOG_FILE})")
         self._depth = 0
@@ -499,7 +500,7 @@ class Catalog:
         stored = os.path.relpath(uri, folder) if "://" not in uri and uri.startswith(folder + os.sep) else uri
         if stored != self.get_meta("shards_uri"):
             self.set_meta("shards_uri", stored)
-            self.__dict__.pop("_shard_cache", None)
+            self._shard_cache.clear()
 
     def shard_refs(self) -> dict[str, tuple[int, int]]:
         """shard file name -> (indexed rows referring to it, their largest row)."""
@@ -515,14 +516,14 @@ class Catalog:
             n = sum(self.db.execute("DELETE FROM files WHERE shard = ?", (to_db(name),)).rowcount for name in names)
             if n:
                 self._bump()
-        self.__dict__.pop("_shard_cache", None)
+        self._shard_cache.clear()
         return n
 
     def _shard_vectors(self, shard: str, dim: int) -> np.ndarray:
         """The indexed vectors ``[n, dim]`` of one shard, the last two read kept in memory."""
         from .shards import read_embeddings
 
-        cache = self.__dict__.setdefault("_shard_cache", {})
+        cache = self._shard_cache
         if shard not in cache:
             uri = self.shards_uri
             if uri is None:
@@ -536,7 +537,7 @@ class Catalog:
         """``[len(rows), dim]`` float32 from (vector blob, shard, shard row) rows: the blob, else
         the vector read from the shard; a zero row for neither."""
         if all(r[0] is not None for r in rows):  # vectors stored in the catalog: one copy
-            return np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(len(rows), dim).copy()
+            return np.frombuffer(b"".join(r[0] for r in rows), dtype=np.float32).reshape(len(rows), dim)
         out = np.zeros((len(rows), dim), np.float32)
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for i, (blob, shard, row) in enumerate(rows):

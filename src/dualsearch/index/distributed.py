@@ -120,13 +120,13 @@ def _sample_picks(groups: Sequence[Group], n: int, size: int, seed: int) -> list
     return out
 
 
-def _run(rdd_fn, what: str):
+def _run(rdd_fn, shards_uri: str):
     from .spark import _job_error
 
     try:
         return rdd_fn()
     except Exception as e:  # Py4JJavaError / PythonException: the first line names the cause
-        raise _job_error(e, what) from e
+        raise _job_error(e, shards_uri) from e
 
 
 def _merge_truth(results: Sequence[tuple], n_queries: int, k: int) -> np.ndarray:
@@ -160,7 +160,7 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
     try:
         picks = _sample_picks(groups, n, ann.training_size("ivfpq", n), seed)
         body = functools.partial(_sample_task, shards_uri=shards_uri, work=work, dim=dim)
-        _run(lambda: sc.parallelize(picks, len(picks)).mapPartitions(body).collect(), work)
+        _run(lambda: sc.parallelize(picks, len(picks)).mapPartitions(body).collect(), shards_uri)
         sample = np.concatenate([np.load(os.path.join(work, f"group-{g:05d}{SAMPLE_SUFFIX}")) for g, _ in picks])
         seconds["sample"], t = time.perf_counter() - t, time.perf_counter()
         trained = ondisk.new_trained(sample, n, pq_bytes, refine, seed)
@@ -171,7 +171,7 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
 
         blob, qs = sc.broadcast(faiss.serialize_index(trained)), sc.broadcast(queries)
         body = functools.partial(_add_task, shards_uri=shards_uri, work=work, dim=dim, trained=blob, queries=qs, k=10)
-        results = _run(lambda: sc.parallelize(groups, len(groups)).mapPartitions(body).collect(), work)
+        results = _run(lambda: sc.parallelize(groups, len(groups)).mapPartitions(body).collect(), shards_uri)
         blob.unpersist()
         seconds["add"], t = time.perf_counter() - t, time.perf_counter()
         task_peak = max(r[6] for r in results)  # the largest Python worker's peak RSS, MiB
@@ -199,7 +199,7 @@ def distributed_ann(job, n: int, kind: str, master: str | None = None, spark=Non
     from .spark import spark_session
 
     uri = job.catalog.shards_uri
-    shard_held = sum(len(rows) for _, rows, _ in job.catalog.shard_rows()) if kind == "ivfpq" else 0
+    shard_held = sum(c for c, _ in job.catalog.shard_refs().values()) if kind == "ivfpq" else 0
     if kind != "ivfpq" or n < max(2000, ondisk.MIN_VECTORS) or not uri or "://" in uri or shard_held != n \
             or not os.access(uri, os.W_OK):
         if kind == "ivfpq" and n >= 2000:

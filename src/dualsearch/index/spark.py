@@ -596,4 +596,3 @@ def run_plan(job, plan: Plan, report, out_uri: str, shard_size: int = DEFAULT_SH
     for part in parts:
         report.added += ingest(job.catalog, part, out_uri, dim)[0]
     remove_abandoned(job.catalog, out_uri, parts)
-

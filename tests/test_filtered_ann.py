@@ -8,11 +8,12 @@ from dualsearch.index import ann
 N, DIM, K = 6000, 32, 10
 
 
-def clustered(n: int, seed: int = 0) -> np.ndarray:
-    """``n`` unit vectors from a mixture of 40 Gaussians; the last 40 serve as fresh queries."""
+def clustered(n: int, seed: int = 0, dim: int = DIM, n_centers: int = 40) -> np.ndarray:
+    """``n`` unit vectors of ``dim`` from a mixture of ``n_centers`` Gaussians (callers keep the last
+    few as fresh queries)."""
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(40, DIM))
-    x = centers[rng.integers(0, len(centers), n)] + rng.normal(scale=0.6, size=(n, DIM))
+    centers = rng.normal(size=(n_centers, dim))
+    x = centers[rng.integers(0, len(centers), n)] + rng.normal(scale=0.6, size=(n, dim))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 

@@ -10,14 +10,13 @@ import pytest
 
 from dualsearch.index import ann, ondisk
 
+from . import test_filtered_ann as filtered_ann
+
 N, DIM, K = 20_000, 64, 10
 
 
 def clustered(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(50, DIM))
-    x = centers[rng.integers(0, len(centers), n)] + rng.normal(scale=0.6, size=(n, DIM))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return filtered_ann.clustered(n, seed, DIM, 50)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import logging
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,8 +34,10 @@ from dualsearch.data.readers import read_dataset  # noqa: E402
 from dualsearch.data.split import split_records  # noqa: E402
 from dualsearch.encode.features import embed_records, fill_image_prior, tower_features  # noqa: E402
 from dualsearch.eval import retrieval_metrics  # noqa: E402
+from dualsearch.index import qbnorm  # noqa: E402
 from dualsearch.logs import quiet_libraries  # noqa: E402
 from dualsearch.model.dual_encoder import DualEncoder  # noqa: E402
+from dualsearch.model.folder import QUERY_BANK_FILE, write_query_bank  # noqa: E402
 from dualsearch.train.fit import fit, recipe  # noqa: E402
 
 # (label, recipe, overrides): the reference, the default, the previous default, then candidates
@@ -55,7 +58,12 @@ VARIANTS = [
     # conse prior from each tower's own ImageNet classifier; Lite1 at 240 px, Lite2 at 260 px
     ("default: efficientnet-lite1", "default", {"image_tower": "efficientnet-lite1"}),
     ("default: efficientnet-lite2", "default", {"image_tower": "efficientnet-lite2"}),
+    # retrieval-time hubness correction (issue 15, item 6): the default model, its held-out gallery
+    # re-ranked by QB-Norm against its own query bank (the training captions) at beta = its logit
+    # scale, exactly over the whole gallery (dualsearch.index.qbnorm; search re-ranks the ANN window)
+    ("default + QB-Norm", "default", {"qbnorm": True}),
 ]
+TRAIN_ONLY = ("cache_activations", "qbnorm")  # variant settings that are not recipe fields
 
 
 def load_sets(names: list[str], args) -> dict[str, tuple]:
@@ -78,7 +86,7 @@ def load_sets(names: list[str], args) -> dict[str, tuple]:
 
 def image_tower(name: str, overrides: dict) -> str:
     """The image tower a variant trains on."""
-    return recipe(name, **{k: v for k, v in overrides.items() if k != "cache_activations"})[0].image_tower
+    return recipe(name, **{k: v for k, v in overrides.items() if k not in TRAIN_ONLY})[0].image_tower
 
 
 def feature_seconds(parts: tuple, tower: str, cache: str) -> float:
@@ -109,19 +117,31 @@ def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[in
     train, val, test = parts
     runs, secs, epoch_secs = [], [], []
     for seed in seeds:
-        mcfg, tcfg = recipe(name, seed=seed, **overrides)
+        mcfg, tcfg = recipe(name, seed=seed, **{k: v for k, v in overrides.items() if k not in TRAIN_ONLY})
         t0 = time.perf_counter()
         res = fit(mcfg, tcfg, train, val, None, cache_dir=cache, progress=False,
                   cache_activations=overrides.get("cache_activations", True))
         secs.append(time.perf_counter() - t0)
         epoch_secs.append(float(np.mean([h["seconds"] for h in res.history])))
         emb = embed_records(res.model, test, cache, show_progress=False)
-        m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image)
+        m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image,
+                              image_bias=hubness_offsets(res.model, train, emb) if overrides.get("qbnorm") else None)
         t2i = m.text_to_image
         runs.append([t2i["R@1"], t2i["R@5"], t2i["R@10"], m.image_to_text["R@5"], len(res.history)])
         print(f"  {label} seed {seed}: t2i R@5 {t2i['R@5']:.1f} ({secs[-1]:.0f} s)", file=sys.stderr, flush=True)
     return {"runs": np.array(runs), "secs": float(np.mean(secs)), "epoch_secs": float(np.mean(epoch_secs)),
             "gallery": len(emb.image_emb)}
+
+
+def hubness_offsets(model, train: list, emb) -> np.ndarray:
+    """QB-Norm offsets ``[N]`` of the held-out images against the bank training writes into a
+    model folder (:func:`dualsearch.model.folder.write_query_bank`'s choice of captions), at the
+    model's logit scale."""
+    with tempfile.TemporaryDirectory() as d:
+        write_query_bank(d, [c for r in train for c in r.captions])
+        texts = (Path(d) / QUERY_BANK_FILE).read_text(encoding="utf-8").splitlines()
+    beta = float(model.logit_scale.detach().exp())
+    return qbnorm.offsets(model.embed_texts(texts), emb.image_emb, beta)
 
 
 def row(set_name: str, label: str, r: dict, feat_s) -> list:

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -80,3 +81,17 @@ def tiny_model(tmp_path_factory, shapes_data, tiny_model_config):
     fit(tiny_model_config, TrainConfig(epochs=2, batch_size=32), ds.records[:100], ds.records[100:], d / "m",
         cache_dir=None, use_cache=False, progress=False, num_workers=0)
     return d / "m"
+
+
+@pytest.fixture()
+def collection(tmp_path, shapes_data):
+    """A folder of 24 generated images (8 in a subfolder) and a hidden folder that is skipped."""
+    _, root = shapes_data
+    col = tmp_path / "col"
+    (col / "sub").mkdir(parents=True)
+    srcs = sorted((root / "images").glob("*.jpg"))[:24]
+    for i, p in enumerate(srcs):
+        shutil.copy(p, (col / "sub" if i % 3 == 0 else col) / p.name)
+    (col / ".hidden").mkdir()
+    shutil.copy(srcs[0], col / ".hidden" / "x.jpg")
+    return col

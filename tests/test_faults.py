@@ -17,8 +17,6 @@ from dualsearch.index.build import build_index
 from dualsearch.index.catalog import Catalog
 from dualsearch.search import Searcher
 
-from .test_index_search import collection  # noqa: F401 (fixture)
-
 
 def _index(src, model, out, **kw):
     return build_index(src, model, out, num_workers=0, progress=False, **kw)

@@ -17,19 +17,6 @@ from dualsearch.index.catalog import Catalog, CatalogError
 from dualsearch.search import QueryError, Searcher
 
 
-@pytest.fixture()
-def collection(tmp_path, shapes_data):
-    _, root = shapes_data
-    col = tmp_path / "col"
-    (col / "sub").mkdir(parents=True)
-    srcs = sorted((root / "images").glob("*.jpg"))[:24]
-    for i, p in enumerate(srcs):
-        shutil.copy(p, (col / "sub" if i % 3 == 0 else col) / p.name)
-    (col / ".hidden").mkdir()
-    shutil.copy(srcs[0], col / ".hidden" / "x.jpg")
-    return col
-
-
 def _add_bad_files(col):
     good = sorted(col.glob("*.jpg"))[0].read_bytes()
     (col / "truncated.jpg").write_bytes(good[: len(good) // 3])

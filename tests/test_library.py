@@ -82,9 +82,12 @@ def indexed(tmp_path, library, tiny_model):
 
 
 def _brute(searcher: Searcher, text: str, allowed: set[int]) -> list[int]:
+    """Exact ranking of a text query: cosine plus the index's QB-Norm offset of each image."""
     ids, vecs = searcher.catalog.vectors(searcher.dim)
     scores = vecs @ searcher.text_vector(text)
-    return [int(i) for i in ids[np.argsort(-scores)] if int(i) in allowed]
+    if searcher.qbnorm is not None:
+        scores = scores + searcher.qbnorm.of(ids)
+    return [int(i) for i in ids[np.argsort(-scores, kind="stable")] if int(i) in allowed]
 
 
 def test_filters_equal_brute_force_filtered_search(indexed, library):

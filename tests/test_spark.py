@@ -19,8 +19,6 @@ from dualsearch.index.build import build_index, build_index_spark
 from dualsearch.index.catalog import Catalog
 from dualsearch.search import Searcher
 
-from .test_index_search import collection  # noqa: F401 (fixture)
-
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java: make test installs it")
 
 

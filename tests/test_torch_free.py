@@ -14,8 +14,6 @@ from dualsearch.index.build import build_index
 from dualsearch.index.catalog import Catalog
 from dualsearch.model.folder import model_content_hash
 
-from .test_index_search import collection  # noqa: F401 (fixture)
-
 # runs the CLI with torch, transformers and Lightning made unimportable, and says what got loaded
 BLOCKED = """
 import sys

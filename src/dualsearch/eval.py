@@ -48,15 +48,17 @@ def _rows_per_block(n_cols: int, block_elems: int) -> int:
 
 
 def text_to_image_ranks(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
-                        block_elems: int = 1 << 24) -> np.ndarray:
-    """Rank of each caption's own image among all images. ``[M]``"""
+                        block_elems: int = 1 << 24, image_bias: np.ndarray | None = None) -> np.ndarray:
+    """Rank of each caption's own image among all images. ``[M]``. ``image_bias [N]``: added to
+    every score of its image (a retrieval-time correction such as QB-Norm's per-image offset)."""
     img = torch.from_numpy(np.ascontiguousarray(image_emb, dtype=np.float32))
+    bias = None if image_bias is None else torch.from_numpy(np.asarray(image_bias, np.float32))
     gt = torch.from_numpy(np.asarray(text_image, dtype=np.int64))
     ranks = np.empty(len(text_emb), dtype=np.int64)
     step = _rows_per_block(len(img), block_elems)
     for s in range(0, len(text_emb), step):
         q = torch.from_numpy(np.ascontiguousarray(text_emb[s:s + step], dtype=np.float32))
-        scores = q @ img.T
+        scores = q @ img.T if bias is None else q @ img.T + bias
         true = scores.gather(1, gt[s:s + step, None])
         ranks[s:s + step] = ((scores > true).sum(1) + 1).numpy()
     return ranks
@@ -85,13 +87,15 @@ def recall_summary(ranks: np.ndarray) -> dict:
 
 
 def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray, k: int = 100,
-                      block_elems: int = 1 << 24) -> RetrievalMetrics:
+                      block_elems: int = 1 << 24, image_bias: np.ndarray | None = None) -> RetrievalMetrics:
     """COCO-style Recall@1/5/10 and median rank both ways, and the reference's top-k accuracy
-    (the first caption of each image as the query, a hit when the image is in the top ``k``)."""
+    (the first caption of each image as the query, a hit when the image is in the top ``k``).
+    ``image_bias [N]``: a per-image score offset for the text->image direction (and top-k
+    accuracy), e.g. :func:`dualsearch.index.qbnorm.offsets`; image->text is unchanged."""
     text_image = np.asarray(text_image)
     if len(image_emb) == 0 or len(text_emb) == 0:
         raise DataError("retrieval metrics need at least one image and one caption")
-    t2i = text_to_image_ranks(image_emb, text_emb, text_image, block_elems)
+    t2i = text_to_image_ranks(image_emb, text_emb, text_image, block_elems, image_bias)
     i2t = image_to_text_ranks(image_emb, text_emb, text_image, block_elems)
     _, first = np.unique(text_image, return_index=True)  # first caption of each image
     top_k = float(100.0 * np.mean(t2i[first] <= k))

@@ -24,7 +24,7 @@ from .data.records import display_name
 from .encode.batching import MicroBatcher
 from .encode.onnx_encoders import load_text_encoder
 from .errors import DualsearchError
-from .index import ann
+from .index import ann, qbnorm
 from .index.catalog import Catalog, PhotoFilter
 from .index.manifest import ANN_FILE, TEXT_ENCODER_DIR, IndexError_, read_manifest
 from .index.photos import load_calibration, query_z
@@ -99,6 +99,7 @@ class Searcher:
         self._text_batcher = (MicroBatcher(lambda texts: self.text_encoder.embed(texts))
                               if self.text_encoder is not None else None)
         self.calibration = load_calibration(folder, manifest)
+        self.qbnorm = qbnorm.load(folder, manifest)  # None: rank by cosine alone (set it to None to opt out)
 
     @property
     def catalog(self) -> Catalog:
@@ -200,13 +201,20 @@ class Searcher:
     def _vectors(self, ids: np.ndarray) -> np.ndarray:
         return self.catalog.vectors_for(ids, self.dim)
 
-    def _ranked(self, q: np.ndarray, fetch: int, allowed: np.ndarray | None,
-                skip: set) -> tuple[np.ndarray, np.ndarray]:
+    def _ranked(self, q: np.ndarray, fetch: int, allowed: np.ndarray | None, skip: set,
+                hubness: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids ``[m]``, scores ``[m]``) of the ``fetch`` best matches, best first, leaving out
-        ``skip``; only a page of them becomes :class:`Result` objects (:meth:`_results`)."""
-        scores, ids = ann.search(self.index, q.reshape(1, -1), fetch + len(skip), allowed, vectors=self._vectors)
+        ``skip``; only a page of them becomes :class:`Result` objects (:meth:`_results`). With
+        ``hubness`` and the index's hubness correction (:mod:`dualsearch.index.qbnorm`),
+        ``OVERFETCH`` times as many are fetched by cosine and re-ranked by cosine plus the image's
+        offset; scores stay cosine."""
+        corrected = self.qbnorm if hubness else None
+        extra = fetch * (qbnorm.OVERFETCH - 1) if corrected is not None else 0
+        scores, ids = ann.search(self.index, q.reshape(1, -1), fetch + extra + len(skip), allowed,
+                                 vectors=self._vectors)
         keep = (ids[0] >= 0) & ~np.isin(ids[0], list(skip))
-        return ids[0][keep], np.minimum(scores[0][keep], 1.0)  # cosine; codes' rounding can pass 1 (SQ8: 1.0003)
+        ids, scores = ids[0][keep], np.minimum(scores[0][keep], 1.0)  # codes' rounding can pass 1 (SQ8: 1.0003)
+        return (ids, scores) if corrected is None else corrected.rerank(ids, scores, fetch)
 
     def _results(self, q: np.ndarray, ids: np.ndarray, scores: np.ndarray, counts=None) -> list[Result]:
         """Results for ``ids`` with their paths, weak marks and metadata (``counts``: group sizes)."""
@@ -230,14 +238,15 @@ class Searcher:
             r.z, r.weak = round(float(zi), 3), bool(r.score < score_floor)  # z informs, the score decides
 
     def search_vector(self, q: np.ndarray, k: int = 9, exclude: Sequence[int] = (), where: PhotoFilter | None = None,
-                      offset: int = 0, sort: str = "score", collapse: bool = False) -> Page:
+                      offset: int = 0, sort: str = "score", collapse: bool = False, hubness: bool = False) -> Page:
         """A page of the indexed images nearest to the unit query vector ``q [D]`` among those
         that pass ``where``, leaving out the ids in ``exclude``: ``k`` results from ``offset``.
         ``sort="score"``: best first, ``total`` every image that passes; ``sort="date"``: the best
         :data:`DATE_CANDIDATES` matches that are not weak, newest first. ``collapse``: one result
         per group of near-duplicates (:mod:`dualsearch.index.duplicates`), with the group's size
         in ``duplicates``; ``total`` then counts groups among the ranked window. ``k`` below 1 counts as 1;
-        pages inside a window of :data:`PAGE_WINDOW` results are stable. Raises
+        pages inside a window of :data:`PAGE_WINDOW` results are stable. ``hubness``: re-rank by the
+        index's QB-Norm offsets (for text queries: its bank is of captions). Raises
         :class:`QueryError` for a ``k``/``offset`` that is not a whole number or an unknown sort,
         ``CatalogError`` for a filter on an index without metadata."""
         k, offset = _whole(k, "k", 1), _whole(offset, "offset", 0)
@@ -249,13 +258,13 @@ class Searcher:
         if passing <= 0:
             return Page([], 0, offset)
         if sort == "date":
-            ids, scores = self._ranked(q, min(DATE_CANDIDATES, passing), allowed, skip)
+            ids, scores = self._ranked(q, min(DATE_CANDIDATES, passing), allowed, skip, hubness)
             strong = scores >= self._weak_floor()
             ids, scores = self._by_date(ids[strong], scores[strong])
             total = len(ids)
         else:
             fetch = min(passing, -(-(offset + k) // PAGE_WINDOW) * PAGE_WINDOW)
-            (ids, scores), total = self._ranked(q, fetch, allowed, skip), passing
+            (ids, scores), total = self._ranked(q, fetch, allowed, skip, hubness), passing
         counts = None
         if collapse:
             complete = sort == "date" or len(ids) >= passing  # the window held every passing image
@@ -307,14 +316,16 @@ class Searcher:
         texts, and/or an indexed image's id (more like this), among the images that pass
         ``where``: one page (see :meth:`search_vector`). With no query at all and
         ``sort="date"``: :meth:`browse`. Safe to call from several threads at once. Raises
-        :class:`QueryError` for an empty or self-cancelling query."""
+        :class:`QueryError` for an empty or self-cancelling query. A query of texts alone is
+        ranked with the index's hubness correction when it has one (:mod:`dualsearch.index.qbnorm`)."""
         if not (text or image is not None or add or subtract or like_id is not None) and sort == "date":
             return self.browse(where, k, offset)
         texts = ([(text, 1.0)] if text else []) + [(t, 1.0) for t in add] + [(t, -1.0) for t in subtract]
         images = [(image, image_weight)] if image is not None else []
         vectors = [(self.id_vector(like_id), 1.0)] if like_id is not None else []
         q = self.combine(texts, images, vectors)
-        return self.search_vector(q, k, [like_id] if like_id is not None else [], where, offset, sort, collapse)
+        return self.search_vector(q, k, [like_id] if like_id is not None else [], where, offset, sort, collapse,
+                                  hubness=bool(texts) and not images and not vectors)
 
     def search(self, text: str | None = None, k: int = 9, **kwargs) -> list[Result]:
         """:meth:`search_page`'s results (the first ``k`` unless ``offset`` is given)."""
@@ -328,7 +339,7 @@ class Searcher:
         example queries (the model's own or the bank's best matches; see ``index.photos``)."""
         return {**self.catalog.library_summary(), "model": Path(self.manifest["model"]["path"]).name,
                 "ann": self.manifest["ann"]["kind"], "examples": self.manifest.get("examples", []),
-                "weak_floor": self.calibration is not None}
+                "weak_floor": self.calibration is not None, "hubness_correction": self.qbnorm is not None}
 
     def close(self) -> None:
         if self._text_batcher is not None:

@@ -33,6 +33,8 @@ def cmd_search(args: argparse.Namespace) -> None:
         check_readable(args.image)
     grid = grid_path(args.grid) if args.grid else None
     searcher = open_searcher(args.index, args.model)
+    if args.no_qbnorm:
+        searcher.qbnorm = None
     try:
         page = searcher.search_page(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
                                     add=args.add or (), subtract=args.subtract or (), where=photo_filter(args),
@@ -135,6 +137,8 @@ def register(sub) -> None:
     p.add_argument("--grid", metavar="PNG", help="write a grid image of the results")
     p.add_argument("--collapse-duplicates", action="store_true",
                    help="show one image per group of near-identical copies, with how many it stands for")
+    p.add_argument("--no-qbnorm", action="store_true",
+                   help="rank by cosine alone, without the index's hubness correction (QB-Norm)")
     add_filter_args(p)
     p.set_defaults(func=cmd_search)
 

@@ -86,7 +86,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = DualEncoder.load(args.model)
     emb = embed_records(model, records, cache_root(args), num_workers=args.workers)
     metrics = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, k=args.k)
-    print(json.dumps(metrics.as_dict()) if args.json else metrics.table())
+    hub = _with_hubness_correction(model, args.model, emb)
+    if args.json:
+        print(json.dumps({**metrics.as_dict(), **({"text_to_image_qbnorm": hub} if hub else {})}))
+        return
+    print(metrics.table())
+    if hub:
+        print(f"{'text->image, QB-Norm (as search ranks)':<15} {hub['R@1']:7.2f} {hub['R@5']:7.2f} {hub['R@10']:7.2f} "
+              f"{hub['median_rank']:12.1f}")
+
+
+def _with_hubness_correction(model, folder: str, emb) -> dict | None:
+    """Text->image recall with the hubness correction an index of this model ranks text queries
+    by (:mod:`dualsearch.index.qbnorm`, exact over the whole gallery); None without a query bank."""
+    from ..eval import recall_summary, text_to_image_ranks
+    from ..index import qbnorm
+
+    bank = qbnorm.bank_for(folder)
+    if bank is None:
+        return None
+    bias = qbnorm.offsets(model.embed_texts(bank[0]), emb.image_emb, bank[1])
+    return recall_summary(text_to_image_ranks(emb.image_emb, emb.text_emb, emb.text_image, image_bias=bias))
 
 
 def _train_parser(sub) -> None:

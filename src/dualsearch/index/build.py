@@ -28,7 +28,7 @@ from ..data.images import is_uri
 from ..data.readers import DataError
 from ..model.folder import model_content_hash, read_model_config
 from ..storage import StorageError
-from . import ann
+from . import ann, qbnorm
 from .catalog import CATALOG_FILE, Catalog, IndexedFile
 from .interop import check_vectors
 from .manifest import (
@@ -320,8 +320,11 @@ def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "an
         rooted = manifest.get("images_root") != catalog.get_meta("images_root")  # a photo folder moved
         if moved or rooted or "calibration" not in manifest:  # or an index from before the weak-match floor
             index = ann.read(out / ANN_FILE, manifest["ann"].get("params"))
-            write_manifest(out, {**manifest, "model": {"path": job.model_path, "hash": job.model_hash},
-                                 "images_root": catalog.get_meta("images_root"), **_calibration(job, index)})
+            manifest = {**manifest, "model": {"path": job.model_path, "hash": job.model_hash},
+                        "images_root": catalog.get_meta("images_root"), **_calibration(job, index)}
+            write_manifest(out, manifest)
+        if "qbnorm" not in manifest:  # an index from before the hubness correction
+            write_manifest(out, {**manifest, **_hubness(job)})
         return
     n = catalog.count()
     kind = ann.choose_kind(n, dim, job.memory_budget) if job.kind == "auto" else job.kind
@@ -331,7 +334,7 @@ def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "an
         "dim": dim, "metric": "inner_product", "count": n, "generation": catalog.generation,
         "images_root": catalog.get_meta("images_root"),
         "ann": {"kind": built.kind, "params": built.params, "tuned_recall_at_10": round(built.recall, 4)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_calibration(job, built.index),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_calibration(job, built.index), **_hubness(job),
     })
     report.kind, report.count = built.kind, n
 
@@ -357,16 +360,31 @@ def _calibration(job: IndexJob, index) -> dict:
     """The manifest's ``calibration`` (weak-match floor, :func:`.photos.calibrate`) and
     ``examples`` (queries for a landing page: the model's own, else the unrelated-query bank's
     best matches on this index)."""
-    from ..encode.onnx_encoders import load_text_encoder
-
-    encoder = load_text_encoder(job.out / TEXT_ENCODER_DIR, job.model_hash)
-    embed = encoder.embed if encoder is not None else job.model.embed_texts
-    entry = calibrate(job.out, job.catalog, job.dim, embed, index.search)
+    entry = calibrate(job.out, job.catalog, job.dim, _query_encoder(job), index.search)
     if entry is None:
         return {"calibration": None, "examples": []}
     examples = read_model_config(job.model_path).get("example_queries") or entry.pop("best_bank_queries")
     entry.pop("best_bank_queries", None)
     return {"calibration": entry, "examples": list(examples)[:8]}
+
+
+def _query_encoder(job: IndexJob) -> Callable[[Sequence[str]], np.ndarray]:
+    """Texts -> unit vectors ``[n, D]`` as queries are encoded: the index's ONNX text encoder, else
+    the torch model."""
+    from ..encode.onnx_encoders import load_text_encoder
+
+    encoder = load_text_encoder(job.out / TEXT_ENCODER_DIR, job.model_hash)
+    return encoder.embed if encoder is not None else job.model.embed_texts
+
+
+def _hubness(job: IndexJob) -> dict:
+    """The manifest's ``qbnorm`` entry (:func:`.qbnorm.update`: per-image offsets against the
+    model's query bank), None when the model has no bank or the index is empty."""
+    bank = qbnorm.bank_for(job.model_path)
+    if bank is None or not job.catalog.count():
+        (job.out / qbnorm.STATS_FILE).unlink(missing_ok=True)
+        return {"qbnorm": None}
+    return {"qbnorm": qbnorm.update(job.out, job.catalog, job.dim, bank[0], bank[1], _query_encoder(job))}
 
 
 def relocate(out: str | os.PathLike, old: str, new: str) -> int:

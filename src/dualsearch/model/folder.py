@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import DualsearchError
+from ..storage import write_bytes
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -47,3 +48,35 @@ def model_content_hash(folder: str | os.PathLike) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
+
+
+QUERY_BANK_FILE = "query_bank.txt"
+QUERY_BANK_LIMIT = 4096  # captions: the hubness statistics cost N x this x D multiply-adds at indexing
+
+
+def write_query_bank(folder: str | os.PathLike, captions: list[str], limit: int = QUERY_BANK_LIMIT) -> dict:
+    """Write the model's query bank: up to ``limit`` distinct training captions (one per line,
+    spread evenly over ``captions``), the queries an index's hubness correction normalises by
+    (QB-Norm, Bogolin et al., CVPR 2022; :mod:`dualsearch.index.qbnorm`). -> the config entry
+    (``file``, ``count``, ``sha256``: 16 hex digits of the file)."""
+    seen = list(dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip()))
+    step = max(1.0, len(seen) / limit)
+    bank = [seen[int(i * step)] for i in range(min(limit, len(seen)))]
+    data = "".join(c + "\n" for c in bank).encode("utf-8")
+    write_bytes(Path(folder) / QUERY_BANK_FILE, data)
+    return {"file": QUERY_BANK_FILE, "count": len(bank), "sha256": hashlib.sha256(data).hexdigest()[:16]}
+
+
+def read_query_bank(folder: str | os.PathLike, entry: dict | None) -> list[str] | None:
+    """The query bank a model's config ``entry`` (``query_bank``) names, or None when the model has
+    none. Raises :class:`ModelError` when the file is missing or does not match its recorded hash."""
+    if not entry:
+        return None
+    path = Path(folder) / entry.get("file", QUERY_BANK_FILE)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ModelError(f"{path}: the model's query bank cannot be read ({e.strerror or e})") from e
+    if hashlib.sha256(data).hexdigest()[:16] != entry.get("sha256"):
+        raise ModelError(f"{path}: the query bank does not match the model's config (changed after training)")
+    return data.decode("utf-8").splitlines()

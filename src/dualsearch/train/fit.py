@@ -41,6 +41,7 @@ from ..encode.activations import image_bytes
 from ..encode.features import fill_image_prior
 from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
+from ..model.folder import write_query_bank
 from ..storage import atomic_path, write_text
 from .module import DualEncoderModule, EpochProgress, History, TrainingError
 from .pairs import MIN_TRAIN_IMAGES, Side, build_loaders
@@ -241,9 +242,11 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
         model = module.model.cpu().eval()
         folder = None
         if out is not None:
+            bank = write_query_bank(out, [c for r in train for c in r.captions])
+            bank["beta"] = round(float(model.logit_scale.detach().exp()), 4)  # the model's own softmax temperature
             folder = model.save(out, extra={"train": to_dict(tcfg), "data": {
                 "train_images": len(train), "val_images": len(val), **(extra or {})},
-                "example_queries": example_queries(train)})
+                "example_queries": example_queries(train), "query_bank": bank})
             model.folder = folder
             write_history(history, folder)
     result = FitResult(model, folder, history, outcome.best)

@@ -62,6 +62,9 @@ VARIANTS = [
     # re-ranked by QB-Norm against its own query bank (the training captions) at beta = its logit
     # scale, exactly over the whole gallery (dualsearch.index.qbnorm; search re-ranks the ANN window)
     ("default + QB-Norm", "default", {"qbnorm": True}),
+    # every caption of an image in its batch as positives of one another (issue 15, item 4; the real
+    # sets have one caption per image, where this is the default's loss exactly: shapes has 5)
+    ("default: multi-positive (pairs grouped)", "default", {"pairs": "grouped"}),
 ]
 TRAIN_ONLY = ("cache_activations", "qbnorm")  # variant settings that are not recipe fields
 

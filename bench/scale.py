@@ -1,7 +1,7 @@
 """Large IVF-PQ indexes built shard by shard, as the Spark path builds them: time, memory, recall.
 
     python bench/scale.py [--sizes 1000000,10000000] [--shard-rows 250000] [--baseline-max 1000000]
-                          [--modes shards,baseline,ondisk-pq32,ondisk-pq16] [--target-recall 0.95]
+                          [--modes shards,baseline,ondisk-pq32,ondisk-pq16,ondisk-pq32-fp16] [--target-recall 0.95]
 
 For each size, synthetic clustered unit vectors (d=256, a mixture of 1,000 Gaussians, as in
 bench/search_speed.py) are written once as Parquet shards in the layout Spark executors write
@@ -13,7 +13,8 @@ its own:
   - baseline (sizes up to --baseline-max): every vector loaded into memory, then ``ann.build``;
   - on disk (``ondisk-pqM``): ``ondisk.build_local``, the distributed build's functions in one
     process (train once, ``add_shard`` per Parquet shard's worth of vectors, ``merge`` into
-    ``OnDiskInvertedLists``), IVF-PQ with M-byte classic PQ codes and SQ8 refine codes left on disk.
+    ``OnDiskInvertedLists``), IVF-PQ with M-byte classic PQ codes and SQ8 refine codes left on disk
+    (``ondisk-pq32-fp16``: fp16 refine codes, 2 x D bytes a vector on disk, memory-mapped the same way).
 Recall@10 is measured with 1,000 fresh queries against exact search (computed shard by shard), at
 the parameters the build tuned. Bytes per vector: the index's files / N, and the build's peak
 RSS / N. Each index is then written to bench-out/scale-N/index-MODE/ and opened in another fresh
@@ -124,8 +125,9 @@ def child_build(root: str, n: int, mode: str, budget: float, shard_rows: int, ta
         ids, vecs = zip(*batches())
         built = ann.build(np.concatenate(vecs), np.concatenate(ids), "ivfpq", budget, target)
     elif mode.startswith("ondisk-pq"):
-        built = ondisk.build_local(batches, n, DIM, folder, shard_rows, pq_bytes=int(mode[len("ondisk-pq"):]),
-                                   refine="SQ8", target_recall=target)
+        pq, _, codes = mode[len("ondisk-pq"):].partition("-")
+        built = ondisk.build_local(batches, n, DIM, folder, shard_rows, pq_bytes=int(pq),
+                                   refine="SQfp16" if codes == "fp16" else "SQ8", target_recall=target)
     else:
         built = ann.build_stream(batches, n, DIM, "ivfpq", budget, target)
     seconds = time.perf_counter() - t0
@@ -262,9 +264,9 @@ def run(target, *args):
     return res
 
 
-MODES = ("shards", "baseline", "ondisk-pq32", "ondisk-pq16")
+MODES = ("shards", "baseline", "ondisk-pq32", "ondisk-pq16", "ondisk-pq32-fp16")
 LABELS = {"shards": "shard by shard", "baseline": "all in memory (baseline)", "ondisk-pq32": "on disk, PQ32 + SQ8",
-          "ondisk-pq16": "on disk, PQ16 + SQ8"}
+          "ondisk-pq16": "on disk, PQ16 + SQ8", "ondisk-pq32-fp16": "on disk, PQ32 + fp16"}
 
 
 def build_row(n: int, r: dict) -> list:

@@ -123,8 +123,10 @@ def test_index_command_builds_the_ivfpq_index_on_spark(tmp_path, tiny_model, spa
     try:
         page = searcher.search_page("a red circle", k=5)
         assert len(page.results) == 5 and all(r.path.endswith(".png") for r in page.results)
-        one = searcher.search_vector(searcher.id_vector(page.results[0].id), k=1)
-        assert one.results[0].id == page.results[0].id  # an image finds itself
+        own = searcher.id_vector(page.results[0].id)
+        one = searcher.search_vector(own, k=1)
+        # an image finds itself, or a twin: the tiny model maps some of the 8x8 noise images to one vector
+        assert float(searcher.id_vector(one.results[0].id) @ own) > 0.999
     finally:
         searcher.close()
     assert main(args) == 0 and "2100 unchanged" in capsys.readouterr().out

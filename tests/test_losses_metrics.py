@@ -154,3 +154,23 @@ def test_bad_prior_specs_are_one_line_errors(spec):
 
     with pytest.raises(DualsearchError, match="bad image prior"):
         parse_prior(spec)
+
+
+def test_multi_positive_clip_loss():
+    """owner = arange(B) is CLIP's loss; with several captions per image, text->image is the usual
+    cross-entropy and image->text averages -log softmax over the image's own captions."""
+    torch.manual_seed(0)
+    img, txt, scale = torch.randn(4, 8), torch.randn(4, 8), torch.tensor(math.log(10.0))
+    assert torch.allclose(clip_loss(img, txt, scale, torch.arange(4)), clip_loss(img, txt, scale), atol=1e-6)
+    txt = torch.randn(7, 8)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    logits = 10.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    t2i = F.cross_entropy(logits.T, owner)
+    lsm = F.log_softmax(logits, dim=-1)
+    i2t = torch.stack([-lsm[i, owner == i].mean() for i in range(4)]).mean()
+    assert torch.allclose(clip_loss(img, txt, scale, owner), (t2i + i2t) / 2, atol=1e-6)
+    # the image's other captions are no longer negatives: captions of one image all close to it
+    close = F.normalize(img, dim=-1)[owner] * 5 + 0.01 * torch.randn(7, 8)
+    per_pair = F.cross_entropy(10.0 * F.normalize(img, dim=-1)[owner] @ F.normalize(close, dim=-1).T,
+                               torch.arange(7))
+    assert clip_loss(img, close, scale, owner) < per_pair  # duplicates as negatives cost the per-pair loss

@@ -13,6 +13,7 @@ from dualsearch.data.records import ImageCaption, ImageRef
 from dualsearch.data.split import split_records
 from dualsearch.encode.cache import FeatureCache
 from dualsearch.encode.features import compute_image_features, embed_records
+from dualsearch.errors import UsageError
 from dualsearch.model.dual_encoder import DualEncoder, ModelError
 from dualsearch.model.towers import TowerError, build_image_tower, build_text_tower
 from dualsearch.train.fit import fit
@@ -210,3 +211,22 @@ def test_prior_needs_an_imagenet_classifier(tiny_text_model, tiny_vision_model):
     with pytest.raises(ModelError, match="embed_dim must be over"):
         DualEncoder(ModelConfig(image_tower="efficientnet-lite0", text_tower=f"hf:{tiny_text_model}",
                                 image_prior="conse:5:1", embed_dim=4), fill_prior=False)
+
+
+def test_grouped_batches_train_on_every_caption_as_positives(tmp_path, shapes_data, tiny_model_config):
+    """--pairs grouped: each image once a batch with all its (5) captions; the multi-positive loss
+    trains through the feature cache, and the seed loss refuses it in one line."""
+    from dualsearch.train.pairs import PairCollate, Pairs
+
+    parts = _records(*shapes_data)
+    records = parts["train"][:6]
+    ds = Pairs(records, "grouped", np.zeros((6, 3), np.float32), np.arange(30, dtype=np.float32)[:, None])
+    batch = PairCollate(None)([ds[0], ds[1]])
+    assert batch[0].shape == (2, 3) and batch[1][:, 0].tolist() == list(range(10))
+    assert batch[2].tolist() == [0] * 5 + [1] * 5
+    tcfg = TrainConfig(epochs=2, batch_size=16, lr=3e-3, pairs="grouped")
+    res = fit(tiny_model_config, tcfg, parts["train"][:48], parts["val"][:8], None, cache_dir=tmp_path / "c",
+              progress=False)
+    assert len(res.history) == 2 and all(np.isfinite(h["train_loss"]) for h in res.history)
+    with pytest.raises(UsageError, match="--pairs grouped needs the clip or siglip loss"):
+        fit(replace(tiny_model_config, loss="seed"), tcfg, parts["train"][:48], [], None, progress=False)

@@ -45,7 +45,8 @@ class TrainConfig:
     plateau_patience: int = 3
     early_stop_patience: int = 5
     captions_per_image: int | None = None  # None: all
-    pairs: str = "sample"  # all: every (image, caption) pair each epoch; sample: one caption per image
+    pairs: str = "sample"  # all: every (image, caption) pair each epoch; sample: one caption per image;
+    # grouped: each image with all its captions in one batch (multi-positive InfoNCE)
     val_fraction: float = 0.1
     seed: int = 0
     augment: bool = False

@@ -21,7 +21,8 @@ from .options import (
 contrastive_batch = int_at_least(2, 1 << 20, name="contrastive_batch")  # one positive needs one negative at least
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
-                   "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed")
+                   "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed",
+                   "pairs")
 
 
 def _train_val(args: argparse.Namespace, seed: int):
@@ -129,6 +130,10 @@ def _train_parser(sub) -> None:
                        ("batch-size", contrastive_batch), ("lr", positive_float), ("weight-decay", non_negative_float),
                        ("captions-per-image", positive_int), ("seed", seed)):
         p.add_argument(f"--{name}", type=kind, help=f"{name.replace('-', ' ')} (default: the recipe's)")
+    p.add_argument("--pairs", choices=["sample", "all", "grouped"],
+                   help="a batch holds: sample: each image once with a random caption; all: every (image, caption) "
+                        "pair; grouped: each image with all its captions, as positives of one another "
+                        "(multi-positive InfoNCE) (default: the recipe's)")
     p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--devices", type=devices, default="auto", help="number of devices (several GPUs use DDP)")

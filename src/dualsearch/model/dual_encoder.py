@@ -23,7 +23,7 @@ from ..config import ModelConfig, from_dict, to_dict
 from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import ProjectionHead
-from .losses import clip_loss, seed_loss, siglip_loss
+from .losses import clip_loss, seed_loss, siglip_grouped_loss, siglip_loss
 from .prior import CLASSES, FusedTextHead, PriorHead, class_text_embeddings, parse_prior
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
@@ -89,12 +89,19 @@ class DualEncoder(nn.Module):
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.text_head(self.text_tower(tokens))
 
-    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured loss of image ``[B, D]`` and text ``[M, D]`` embeddings; ``owner [M]``: the
+        image of each caption when a batch holds all captions of its images (``--pairs grouped``;
+        multi-positive), else None (``M == B``, pairs on the diagonal)."""
         if self.config.loss == "seed":
+            if owner is not None:
+                raise ModelError("the seed loss takes one caption per image in a batch: use --pairs all or sample")
             return seed_loss(image_emb, text_emb, self.config.temperature)
         if self.config.loss == "clip":
-            return clip_loss(image_emb, text_emb, self.logit_scale)
+            return clip_loss(image_emb, text_emb, self.logit_scale, owner)
         if self.config.loss == "siglip":
+            if owner is not None:
+                return siglip_grouped_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, owner)
             return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias)
         raise ModelError(f"unknown loss {self.config.loss!r}: use seed, clip or siglip")
 

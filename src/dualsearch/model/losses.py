@@ -22,13 +22,24 @@ def seed_loss(image: torch.Tensor, text: torch.Tensor, temperature: float = 0.05
     return ((captions_loss + images_loss) / 2).mean()
 
 
-def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE on L2-normalised embeddings; ``logit_scale`` is log(1/T), clamped."""
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              owner: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE on L2-normalised embeddings; ``logit_scale`` is log(1/T), clamped.
+
+    ``owner [M]`` (text ``[M, D]`` against image ``[B, D]``): the image of each caption, for batches
+    that hold every caption of their images (multi-positive InfoNCE): text->image is the usual
+    cross-entropy against the caption's own image; image->text averages ``-log softmax`` over the
+    image's own captions (SupCon's L_out, Khosla et al. 2020). ``owner=None`` means ``arange(B)``
+    (one caption per image), where both forms are CLIP's loss."""
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-    logits = scale * image @ text.T
-    labels = torch.arange(len(image), device=image.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    logits = scale * image @ text.T  # [B, M]
+    if owner is None:
+        labels = torch.arange(len(image), device=image.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    own = (owner[None, :] == torch.arange(len(image), device=image.device)[:, None]).to(logits.dtype)
+    image_to_text = -(F.log_softmax(logits, dim=-1) * own).sum(-1) / own.sum(-1).clamp(min=1)
+    return (image_to_text.mean() + F.cross_entropy(logits.T, owner)) / 2
 
 
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -38,4 +49,14 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     logits = logit_scale.exp() * image @ text.T + logit_bias
     z = 2 * torch.eye(len(image), device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(z * logits).sum() / len(image)
+
+
+def siglip_grouped_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                        logit_bias: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """:func:`siglip_loss` for batches holding every caption of their images: ``z = +1`` for each
+    (image, own caption), -1 elsewhere; ``owner [M]`` the image of each caption."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = logit_scale.exp() * image @ text.T + logit_bias
+    z = 2 * (owner[None, :] == torch.arange(len(image), device=image.device)[:, None]).to(logits.dtype) - 1
     return -F.logsigmoid(z * logits).sum() / len(image)

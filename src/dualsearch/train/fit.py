@@ -75,6 +75,9 @@ def _first_captions(records: Sequence[ImageCaption], n: int | None) -> list[Imag
     return [ImageCaption(r.image, r.captions[:n]) for r in records] if n else list(records)
 
 
+PAIRS = ("sample", "all", "grouped")  # how a batch is drawn (see train.pairs.Pairs)
+
+
 def _check_inputs(tcfg: TrainConfig, train: Sequence[ImageCaption]) -> None:
     """Refuse, before any feature is computed, what cannot train: too few images for a contrastive
     batch, or settings out of range (Python callers bypass the command line's checks)."""
@@ -86,6 +89,8 @@ def _check_inputs(tcfg: TrainConfig, train: Sequence[ImageCaption]) -> None:
                          f"{tcfg.batch_size}")
     if tcfg.epochs < 1:
         raise UsageError(f"epochs must be at least 1, got {tcfg.epochs}")
+    if tcfg.pairs not in PAIRS:
+        raise UsageError(f"pairs must be one of {', '.join(PAIRS)}, got {tcfg.pairs!r}")
     if not (math.isfinite(tcfg.lr) and tcfg.lr > 0):
         raise UsageError(f"the learning rate must be a finite number > 0, got {tcfg.lr}")
 
@@ -222,6 +227,8 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
+    if tcfg.pairs == "grouped" and (init_model.config if init_model is not None else mcfg).loss == "seed":
+        raise UsageError("--pairs grouped needs the clip or siglip loss (the seed loss takes one caption per image)")
     model = init_model
     if model is None:  # a prior's class-name features come through the feature cache
         model = DualEncoder(mcfg, fill_prior=False)

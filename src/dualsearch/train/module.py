@@ -48,7 +48,7 @@ class DualEncoderModule(pl.LightningModule):
             tower.train_parts()
 
     def _embed(self, batch):
-        a, b = batch
+        a, b = batch[:2]
         image, text = self.sides
         m = self.model
         if image.kind == "activations":
@@ -86,11 +86,11 @@ class DualEncoderModule(pl.LightningModule):
         if batch is None:  # every image of the batch failed to decode
             return None
         img, txt = self._embed(batch)
-        loss = self.model.loss(img, txt)
+        loss = self.model.loss(img, txt, _owner(batch))
         if not bool(torch.isfinite(loss.detach())):
             raise self.diverged(f"the loss is {loss.item()}")
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(img))
-        self.log("temperature", 1.0 / self.model.logit_scale.exp(), on_step=False, on_epoch=True)
+        self.log("temperature", 1.0 / self.model.logit_scale.exp(), on_step=False, on_epoch=True, batch_size=len(img))
         return loss
 
     def on_train_start(self):
@@ -104,7 +104,7 @@ class DualEncoderModule(pl.LightningModule):
         if batch is None:
             return
         img, txt = self._embed(batch)
-        self.log("val_loss", self.model.loss(img, txt), on_step=False, on_epoch=True, prog_bar=True,
+        self.log("val_loss", self.model.loss(img, txt, _owner(batch)), on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(img))
 
     def configure_optimizers(self):
@@ -134,6 +134,11 @@ class DualEncoderModule(pl.LightningModule):
         keep = set(self.model._saved_state())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k.removeprefix("model.") in keep}
+
+
+def _owner(batch):
+    """The image of each caption in a grouped batch (``pairs="grouped"``), else None."""
+    return batch[2] if len(batch) == 3 else None
 
 
 class History(pl.Callback):

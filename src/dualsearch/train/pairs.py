@@ -43,7 +43,9 @@ class Pairs(Dataset):
 
     ``pairs="all"``: every (image, caption) pair once an epoch (the reference);
     ``pairs="sample"``: one item per image, its caption drawn at random each time (so a batch never
-    holds the same image twice); ``fixed=True`` draws caption 0 (for validation)."""
+    holds the same image twice); ``fixed=True`` draws caption 0 (for validation);
+    ``pairs="grouped"``: one item per image with all its captions (a list), for the multi-positive
+    loss (:func:`dualsearch.model.losses.clip_loss` with ``owner``)."""
 
     def __init__(self, records: Sequence[ImageCaption], pairs: str, image_feats: np.ndarray | None = None,
                  text_feats: np.ndarray | list[np.ndarray] | None = None, preprocess=None, target_size: int = 224,
@@ -71,7 +73,9 @@ class Pairs(Dataset):
         else:
             i = k
             c = int(self.starts[i]) + (0 if self.fixed else random.randrange(self.counts[i]))
-        text = self.txt[c] if self.txt is not None else self.records[i].captions[c - self.starts[i]]
+        text = self._caption(i, c)
+        if self.pairs == "grouped":
+            text = [self._caption(i, int(self.starts[i]) + j) for j in range(self.counts[i])]
         if self.img is not None:
             return self.img[i], text
         try:
@@ -81,6 +85,10 @@ class Pairs(Dataset):
         if self.augment:
             img = _augment(img)
         return self.preprocess(img), text
+
+    def _caption(self, i: int, c: int):
+        """Caption ``c`` (flat index) of image ``i``: its cached item, or its string."""
+        return self.txt[c] if self.txt is not None else self.records[i].captions[c - self.starts[i]]
 
 
 def _augment(img):
@@ -98,7 +106,9 @@ def _augment(img):
 
 class PairCollate:
     """Stacks tensors, tokenises caption strings, pads captions' cached activations ``[L_i, D]`` into
-    (``[B, L, D]``, padding mask ``[B, L]``), drops images that failed to decode."""
+    (``[B, L, D]``, padding mask ``[B, L]``), drops images that failed to decode. Items with a list
+    of captions (``pairs="grouped"``) are flattened to ``M`` captions, and the batch gains ``owner
+    [M]``: the image of each caption."""
 
     def __init__(self, tokenize):
         self.tokenize = tokenize
@@ -109,13 +119,19 @@ class PairCollate:
             return None
         images = torch.stack([b[0] for b in batch])
         texts = [b[1] for b in batch]
+        if isinstance(texts[0], list):
+            owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor([len(t) for t in texts]))
+            return images, self._texts([t for group in texts for t in group]), owner
+        return images, self._texts(texts)
+
+    def _texts(self, texts: list):
         if not isinstance(texts[0], torch.Tensor):
-            return images, self.tokenize(texts)
+            return self.tokenize(texts)
         if texts[0].dim() == 1:
-            return images, torch.stack(texts)
+            return torch.stack(texts)
         lengths = torch.tensor([len(t) for t in texts])
         mask = (torch.arange(int(lengths.max())) < lengths[:, None]).long()
-        return images, (torch.nn.utils.rnn.pad_sequence(texts, batch_first=True), mask)
+        return torch.nn.utils.rnn.pad_sequence(texts, batch_first=True), mask
 
 
 def _side_inputs(model, sides: tuple[Side, Side], records, cache_root, device: str, num_workers, progress: bool):

@@ -65,6 +65,10 @@ VARIANTS = [
     # every caption of an image in its batch as positives of one another (issue 15, item 4; the real
     # sets have one caption per image, where this is the default's loss exactly: shapes has 5)
     ("default: multi-positive (pairs grouped)", "default", {"pairs": "grouped"}),
+    # the reference's soft targets blended in with weight 0.3, and HN-NCE's hard-negative weights at
+    # beta 0.5 (Radenovic et al., CVPR 2023) (issue 15, item 4)
+    ("default: soft targets 0.3", "default", {"soft_targets": 0.3}),
+    ("default: hard negatives 0.5", "default", {"hard_negatives": 0.5}),
 ]
 TRAIN_ONLY = ("cache_activations", "qbnorm")  # variant settings that are not recipe fields
 

@@ -174,3 +174,31 @@ def test_multi_positive_clip_loss():
     per_pair = F.cross_entropy(10.0 * F.normalize(img, dim=-1)[owner] @ F.normalize(close, dim=-1).T,
                                torch.arange(7))
     assert clip_loss(img, close, scale, owner) < per_pair  # duplicates as negatives cost the per-pair loss
+
+
+def test_soft_target_and_hard_negative_variants_of_the_clip_loss():
+    from dualsearch.model.losses import clip_variant_loss
+
+    torch.manual_seed(1)
+    img, txt, ls = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(math.log(10.0))
+    plain = clip_loss(img, txt, ls)
+    assert torch.allclose(clip_variant_loss(img, txt, ls), plain, atol=1e-6)
+    # HN-NCE at beta 0 weights every negative 1: InfoNCE
+    assert torch.allclose(clip_variant_loss(img, txt, ls, hard_negatives=1e-12), plain, atol=1e-5)
+    i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = 10.0 * i @ t.T
+    soft = F.softmax(10.0 * (t @ t.T + i @ i.T) / 2, dim=-1)
+    target = 0.7 * torch.eye(6) + 0.3 * soft
+    want = (-(target * F.log_softmax(logits, -1)).sum(-1).mean()
+            - (target * F.log_softmax(logits.T, -1)).sum(-1).mean()) / 2
+    assert torch.allclose(clip_variant_loss(img, txt, ls, soft_targets=0.3), want, atol=1e-5)
+    beta = 0.5
+    w = torch.exp(beta * logits).fill_diagonal_(0)
+    w = 5 * w / w.sum(-1, keepdim=True)
+    den = torch.exp(logits.diagonal()) + (w * torch.exp(logits)).sum(-1)
+    rows = (torch.log(den) - logits.diagonal()).mean()
+    wt = torch.exp(beta * logits.T).fill_diagonal_(0)
+    wt = 5 * wt / wt.sum(-1, keepdim=True)
+    cols = (torch.log(torch.exp(logits.diagonal()) + (wt * torch.exp(logits.T)).sum(-1)) - logits.diagonal()).mean()
+    assert torch.allclose(clip_variant_loss(img, txt, ls, hard_negatives=beta), (rows + cols) / 2, atol=1e-5)
+    assert clip_variant_loss(img, txt, ls, hard_negatives=beta) > plain  # hard negatives weigh more

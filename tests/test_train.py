@@ -230,3 +230,12 @@ def test_grouped_batches_train_on_every_caption_as_positives(tmp_path, shapes_da
     assert len(res.history) == 2 and all(np.isfinite(h["train_loss"]) for h in res.history)
     with pytest.raises(UsageError, match="--pairs grouped needs the clip or siglip loss"):
         fit(replace(tiny_model_config, loss="seed"), tcfg, parts["train"][:48], [], None, progress=False)
+    both = replace(tiny_model_config, soft_targets=0.3, hard_negatives=0.5)
+    res = fit(both, TrainConfig(epochs=1, batch_size=16), parts["train"][:48], [], None, cache_dir=tmp_path / "c",
+              progress=False)
+    assert np.isfinite(res.history[0]["train_loss"])
+    with pytest.raises(UsageError, match="need the clip loss with one caption per image"):
+        fit(replace(tiny_model_config, soft_targets=0.2), tcfg, parts["train"][:48], [], None, progress=False)
+    with pytest.raises(UsageError, match="--hard-negatives >= 0"):
+        fit(replace(tiny_model_config, hard_negatives=-1.0), TrainConfig(), parts["train"][:48], [], None,
+            progress=False)

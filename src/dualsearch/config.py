@@ -25,6 +25,8 @@ class ModelConfig:
     image_prior: str = "none"  # none | conse:T (ImageNet class names in text space, top T; model/prior.py)
     image_trainable: str = "frozen"  # frozen | all | last:N
     text_trainable: str = "frozen"
+    soft_targets: float = 0.0  # clip loss: weight of the reference's soft targets blended into the diagonal
+    hard_negatives: float = 0.0  # clip loss: HN-NCE's beta (0: plain InfoNCE)
 
     @property
     def normalize(self) -> bool:

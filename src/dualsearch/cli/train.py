@@ -22,7 +22,7 @@ contrastive_batch = int_at_least(2, 1 << 20, name="contrastive_batch")  # one po
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
                    "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed",
-                   "pairs")
+                   "pairs", "soft_targets", "hard_negatives")
 
 
 def _train_val(args: argparse.Namespace, seed: int):
@@ -134,6 +134,10 @@ def _train_parser(sub) -> None:
                    help="a batch holds: sample: each image once with a random caption; all: every (image, caption) "
                         "pair; grouped: each image with all its captions, as positives of one another "
                         "(multi-positive InfoNCE) (default: the recipe's)")
+    p.add_argument("--soft-targets", type=fraction, metavar="W",
+                   help="clip loss: blend the reference's soft targets into the diagonal with weight W in [0, 1)")
+    p.add_argument("--hard-negatives", type=non_negative_float, metavar="BETA",
+                   help="clip loss: HN-NCE, negatives weighted by exp(BETA x their logit) (0: off)")
     p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--devices", type=devices, default="auto", help="number of devices (several GPUs use DDP)")

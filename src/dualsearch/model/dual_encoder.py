@@ -23,7 +23,7 @@ from ..config import ModelConfig, from_dict, to_dict
 from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import ProjectionHead
-from .losses import clip_loss, seed_loss, siglip_grouped_loss, siglip_loss
+from .losses import clip_loss, clip_variant_loss, seed_loss, siglip_grouped_loss, siglip_loss
 from .prior import CLASSES, FusedTextHead, PriorHead, class_text_embeddings, parse_prior
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
@@ -98,6 +98,12 @@ class DualEncoder(nn.Module):
                 raise ModelError("the seed loss takes one caption per image in a batch: use --pairs all or sample")
             return seed_loss(image_emb, text_emb, self.config.temperature)
         if self.config.loss == "clip":
+            if self.config.soft_targets or self.config.hard_negatives:
+                if owner is not None:
+                    raise ModelError("--soft-targets and --hard-negatives take one caption per image: not with "
+                                     "--pairs grouped")
+                return clip_variant_loss(image_emb, text_emb, self.logit_scale, self.config.soft_targets,
+                                         self.config.hard_negatives)
             return clip_loss(image_emb, text_emb, self.logit_scale, owner)
         if self.config.loss == "siglip":
             if owner is not None:

@@ -95,6 +95,18 @@ def _check_inputs(tcfg: TrainConfig, train: Sequence[ImageCaption]) -> None:
         raise UsageError(f"the learning rate must be a finite number > 0, got {tcfg.lr}")
 
 
+def _check_loss_options(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    """Refuse loss settings that do not go together, before any feature is computed."""
+    if tcfg.pairs == "grouped" and mcfg.loss == "seed":
+        raise UsageError("--pairs grouped needs the clip or siglip loss (the seed loss takes one caption per image)")
+    if not 0 <= mcfg.soft_targets < 1 or not (math.isfinite(mcfg.hard_negatives) and mcfg.hard_negatives >= 0):
+        raise UsageError(f"--soft-targets must be in [0, 1) and --hard-negatives >= 0, got {mcfg.soft_targets} "
+                         f"and {mcfg.hard_negatives}")
+    if (mcfg.soft_targets or mcfg.hard_negatives) and (mcfg.loss != "clip" or tcfg.pairs == "grouped"):
+        raise UsageError("--soft-targets and --hard-negatives need the clip loss with one caption per image in a "
+                         "batch (not the seed or siglip loss, not --pairs grouped)")
+
+
 @dataclass
 class _Outcome:
     """How a run ended: the best checkpoint's score and (1-based) epoch, the :class:`TrainingError`
@@ -227,8 +239,7 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
-    if tcfg.pairs == "grouped" and (init_model.config if init_model is not None else mcfg).loss == "seed":
-        raise UsageError("--pairs grouped needs the clip or siglip loss (the seed loss takes one caption per image)")
+    _check_loss_options(init_model.config if init_model is not None else mcfg, tcfg)
     model = init_model
     if model is None:  # a prior's class-name features come through the feature cache
         model = DualEncoder(mcfg, fill_prior=False)

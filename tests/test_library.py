@@ -149,6 +149,10 @@ def test_cli_filters_paths_and_json(indexed, library, capsys):
     for root in (str(library), str(library) + "/"):  # the indexed folder itself: everything in it
         assert main(["-q", "search", str(indexed), "a red circle", "--in", root, "--paths", "-k", "50"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == Catalog(indexed, readonly=True).count()
+    assert main(["search", str(indexed), "a red circle", "--in", str(library.parent / "elsewhere")]) == 0
+    err = capsys.readouterr().err  # a folder outside the index: said, with where the photos are
+    assert "results none of 0" in err and "no indexed image passes the filters (the index holds " in err
+    assert str(library) in err.splitlines()[-1]
     assert main(["-q", "search", str(indexed), "a red circle", "--camera", "canon", "--json", "--offset", "4"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 2 and {h["camera_make"] for h in hits} == {"Canon"} and "weak" in hits[0]

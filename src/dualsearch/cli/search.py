@@ -36,12 +36,17 @@ def cmd_search(args: argparse.Namespace) -> None:
     if args.no_qbnorm:
         searcher.qbnorm = None
     try:
+        where = photo_filter(args)
         page = searcher.search_page(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
-                                    add=args.add or (), subtract=args.subtract or (), where=photo_filter(args),
+                                    add=args.add or (), subtract=args.subtract or (), where=where,
                                     offset=args.offset, sort=args.sort, collapse=args.collapse_duplicates)
+        empty = (f"no indexed image passes the filters (the index holds {len(searcher)} images below "
+                 f"{searcher.catalog.root or 'their own paths'})") if where and not page.total else None
     finally:
         searcher.close()
     print_results(page, args)
+    if empty:
+        print(empty, file=sys.stderr)
     if grid:
         save_grid(page.results, grid, title=args.query or "")
         print(f"grid written to {grid}", file=sys.stderr if args.json or args.paths else sys.stdout)

@@ -140,4 +140,74 @@ def test_eval_reports_recall_as_search_ranks(tiny_model, shapes_data, capsys):
     assert set(qb) == set(raw) and 0 <= qb["R@1"] <= qb["R@5"] <= qb["R@10"] <= 100
     assert main(args) == 0
     table = capsys.readouterr().out
-    assert "QB-Norm (as search ranks)" in table and f"{qb['R@5']:7.2f}" in table
+    row = next(line for line in table.splitlines() if line.startswith("t->i QB-Norm"))
+    assert f"{qb['R@5']:7.2f}" in row and table.splitlines().index(row) == 3
+
+
+def test_rerank_is_block_by_block_so_pages_never_overlap():
+    rng = np.random.default_rng(3)
+    cos = np.sort(rng.uniform(0, 1, 50))[::-1].astype(np.float32)
+    ids = np.arange(50)
+    table = qbnorm.QBNorm(rng.uniform(-0.5, 0, 50).astype(np.float32), 15.0, 10)
+    full = table.rerank(ids, cos, 50, depth=8)[0]
+    assert sorted(full.tolist()) == ids.tolist()  # a permutation: nothing repeated or lost
+    for keep in (3, 8, 9, 20):  # a shorter list is a prefix of a longer one
+        assert table.rerank(ids[:-(-keep // 8) * 8], cos[:-(-keep // 8) * 8], keep, depth=8)[0].tolist() == \
+            full[:keep].tolist()
+
+
+def test_pages_across_windows_with_the_correction(tmp_path, collection, tiny_model, monkeypatch):
+    """Windows of 4 results re-ranked in blocks of 6 on 24 images: every page of 3 continues the last."""
+    import dualsearch.search as search_module
+
+    out = tmp_path / "idx"
+    build_index(collection, tiny_model, out, num_workers=0, progress=False)
+    monkeypatch.setattr(search_module, "PAGE_WINDOW", 4)
+    monkeypatch.setattr(qbnorm, "RERANK_DEPTH", 6)
+    s = Searcher.open(out)
+    try:
+        seen = [r.id for offset in range(0, 24, 3) for r in s.search_page("a red square", k=3, offset=offset).results]
+        assert len(seen) == len(set(seen)) == 24
+    finally:
+        s.close()
+
+
+def test_missing_or_damaged_offsets_are_neutral_and_repaired(tmp_path, collection, tiny_model, caplog):
+    out = tmp_path / "idx"
+    build_index(collection, tiny_model, out, num_workers=0, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    table = np.load(out / qbnorm.STATS_FILE)
+    s = Searcher.open(out)
+    fill = s.qbnorm.fill
+    assert fill == pytest.approx(float(np.nanmedian(table)), abs=1e-6) and fill < 0
+    s.qbnorm.offset = table[:5]  # as if rows were added after the statistics: neutral, not boosted
+    assert s.qbnorm.of(np.array([3, 10, 999])).tolist() == pytest.approx([table[3], fill, fill])
+    s.close()
+    np.save(out / qbnorm.STATS_FILE, np.stack([table, table]))  # damaged: another shape
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert Searcher.open(out).qbnorm is None
+    assert "re-run `dualsearch index`" in caplog.text
+    build_index(collection, tiny_model, out, num_workers=0, progress=False)  # nothing changed but the file
+    np.testing.assert_allclose(np.load(out / qbnorm.STATS_FILE), table, rtol=1e-6)
+    assert json.loads((out / "manifest.json").read_text())["qbnorm"]["computed"] == manifest["qbnorm"]["computed"]
+
+
+@pytest.mark.parametrize("beta", [0, -14, "abc", float("nan"), 1e9])
+def test_a_bad_beta_in_the_model_is_a_warning(tmp_path, tiny_model, beta, caplog):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    doc = json.loads((model / "config.json").read_text())
+    doc["query_bank"]["beta"] = beta
+    (model / "config.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.WARNING):
+        assert qbnorm.bank_for(model) is None
+    assert "beta must be a number in (0, 100]" in caplog.text
+
+
+def test_a_bank_entry_naming_a_file_outside_the_model_is_refused(tmp_path, tiny_model):
+    from dualsearch.model.folder import ModelError
+
+    entry = dict(read_model_config(tiny_model)["query_bank"], file="/etc/hostname")
+    with pytest.raises(ModelError, match="a file name inside the model folder"):
+        read_query_bank(tiny_model, entry)

@@ -236,6 +236,6 @@ def test_grouped_batches_train_on_every_caption_as_positives(tmp_path, shapes_da
     assert np.isfinite(res.history[0]["train_loss"])
     with pytest.raises(UsageError, match="need the clip loss with one caption per image"):
         fit(replace(tiny_model_config, soft_targets=0.2), tcfg, parts["train"][:48], [], None, progress=False)
-    with pytest.raises(UsageError, match="--hard-negatives >= 0"):
+    with pytest.raises(UsageError, match="--hard-negatives in \\[0, 10\\]"):
         fit(replace(tiny_model_config, hard_negatives=-1.0), TrainConfig(), parts["train"][:48], [], None,
             progress=False)

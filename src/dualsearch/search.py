@@ -205,16 +205,15 @@ class Searcher:
                 hubness: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids ``[m]``, scores ``[m]``) of the ``fetch`` best matches, best first, leaving out
         ``skip``; only a page of them becomes :class:`Result` objects (:meth:`_results`). With
-        ``hubness`` and the index's hubness correction (:mod:`dualsearch.index.qbnorm`),
-        ``OVERFETCH`` times as many are fetched by cosine and re-ranked by cosine plus the image's
-        offset; scores stay cosine."""
+        ``hubness`` and the index's hubness correction (:mod:`dualsearch.index.qbnorm`), whole
+        blocks of ``RERANK_DEPTH`` are fetched by cosine and re-ranked block by block by cosine
+        plus the image's offset; scores stay cosine."""
         corrected = self.qbnorm if hubness else None
-        extra = fetch * (qbnorm.OVERFETCH - 1) if corrected is not None else 0
-        scores, ids = ann.search(self.index, q.reshape(1, -1), fetch + extra + len(skip), allowed,
-                                 vectors=self._vectors)
+        depth = -(-fetch // qbnorm.RERANK_DEPTH) * qbnorm.RERANK_DEPTH if corrected is not None else fetch
+        scores, ids = ann.search(self.index, q.reshape(1, -1), depth + len(skip), allowed, vectors=self._vectors)
         keep = (ids[0] >= 0) & ~np.isin(ids[0], list(skip))
         ids, scores = ids[0][keep], np.minimum(scores[0][keep], 1.0)  # codes' rounding can pass 1 (SQ8: 1.0003)
-        return (ids, scores) if corrected is None else corrected.rerank(ids, scores, fetch)
+        return (ids, scores) if corrected is None else corrected.rerank(ids, scores, fetch, qbnorm.RERANK_DEPTH)
 
     def _results(self, q: np.ndarray, ids: np.ndarray, scores: np.ndarray, counts=None) -> list[Result]:
         """Results for ``ids`` with their paths, weak marks and metadata (``counts``: group sizes)."""

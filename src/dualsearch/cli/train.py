@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from ..errors import UsageError
 from .common import add_data_source_args, add_runtime_args, cache_root, check_model, check_writable, read_source
@@ -53,6 +54,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.captions}: {len(train)} usable training images; a contrastive batch needs at "
                          f"least 2")
     init = load_for_finetuning(args.init, args.image_trainable, args.text_trainable) if args.init else None
+    if init is not None:  # the loss options asked for apply to the model being fine-tuned
+        init.config = replace(init.config, **{k: getattr(mcfg, k) for k in ("soft_targets", "hard_negatives")
+                                              if getattr(args, k) is not None})
     result = fit(mcfg, tcfg, train, val, args.out, cache_dir=cache_root(args), use_cache=not args.no_cache,
                  accelerator=args.accelerator, devices=args.devices, num_workers=args.workers, init_model=init,
                  extra={"source": str(args.captions)})
@@ -91,10 +95,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps({**metrics.as_dict(), **({"text_to_image_qbnorm": hub} if hub else {})}))
         return
-    print(metrics.table())
-    if hub:
-        print(f"{'text->image, QB-Norm (as search ranks)':<15} {hub['R@1']:7.2f} {hub['R@5']:7.2f} {hub['R@10']:7.2f} "
-              f"{hub['median_rank']:12.1f}")
+    table = metrics.table().splitlines()
+    if hub:  # under the two directions: the text->image row as search ranks it (QB-Norm)
+        table.insert(3, f"{'t->i QB-Norm':<15} {hub['R@1']:7.2f} {hub['R@5']:7.2f} {hub['R@10']:7.2f} "
+                        f"{hub['median_rank']:12.1f}   (as search ranks text queries)")
+    print("\n".join(table))
 
 
 def _with_hubness_correction(model, folder: str, emb) -> dict | None:
@@ -103,7 +108,7 @@ def _with_hubness_correction(model, folder: str, emb) -> dict | None:
     from ..eval import recall_summary, text_to_image_ranks
     from ..index import qbnorm
 
-    bank = qbnorm.bank_for(folder)
+    bank = qbnorm.bank_for(folder, "evaluating")
     if bank is None:
         return None
     bias = qbnorm.offsets(model.embed_texts(bank[0]), emb.image_emb, bank[1])

@@ -323,7 +323,7 @@ def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "an
             manifest = {**manifest, "model": {"path": job.model_path, "hash": job.model_hash},
                         "images_root": catalog.get_meta("images_root"), **_calibration(job, index)}
             write_manifest(out, manifest)
-        if "qbnorm" not in manifest:  # an index from before the hubness correction
+        if not qbnorm.healthy(out, manifest):  # an index from before the correction, or damaged statistics
             write_manifest(out, {**manifest, **_hubness(job)})
         return
     n = catalog.count()

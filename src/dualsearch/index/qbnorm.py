@@ -15,9 +15,10 @@ multiply-adds; 4,096 captions x 256 dims: about 2 GFLOP per 1,000 images) and st
 index in :data:`STATS_FILE` (4 bytes per vector id, memory-mapped at search); each run computes
 only the rows added since.
 
-At search the ANN index returns :data:`OVERFETCH` times the requested window by cosine, and the
-window is re-ranked by ``cosine + offset``: an approximation of the exact correction, which would
-re-score the whole gallery. Results keep their cosine as ``score``.
+At search the ANN index returns candidates by cosine, and each consecutive block of
+:data:`RERANK_DEPTH` of them is re-ranked by ``cosine + offset`` (block by block, so that deeper
+pages only append): an approximation of the exact correction, which would re-score the whole
+gallery. Results keep their cosine as ``score``.
 
 Measured on held-out recall (``python bench/quality.py --variants "default,default + QB-Norm"``,
 3 training seeds, the exact correction over the whole held-out gallery), see BENCHMARKS.md.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,10 +40,11 @@ from .catalog import Catalog, PhotoFilter
 
 log = logging.getLogger(__name__)
 
+MAX_BETA = 100.0  # CLIP clamps its logit scale at 100
+RERANK_DEPTH = 2000  # cosine candidates re-ranked together: a ranking re-orders consecutive blocks of this many
 STATS_FILE = "qbnorm.npy"  # float32 offset by vector id
 BANK_FILE = "qbnorm_bank.npz"  # the bank's vectors, beta and digest (what the offsets were computed with)
-OVERFETCH = 2  # the ANN window re-ranked is this many times the results asked for
-BLOCK = 65536  # images scored against the bank at a time ([B, BLOCK] float32 scores)
+BLOCK = 4096  # images scored against the bank at a time ([B, BLOCK] float32 scores: 64 MiB at B = 4,096)
 
 
 def offsets(bank: np.ndarray, vectors: np.ndarray, beta: float) -> np.ndarray:
@@ -53,9 +56,12 @@ def offsets(bank: np.ndarray, vectors: np.ndarray, beta: float) -> np.ndarray:
     out = np.empty(len(vectors), np.float32)
     b = np.asarray(bank, np.float32)
     for s in range(0, len(vectors), BLOCK):
-        logits = beta * (b @ np.asarray(vectors[s:s + BLOCK], np.float32).T).astype(np.float64)  # [B, n]
+        logits = b @ np.asarray(vectors[s:s + BLOCK], np.float32).T  # [B, n]
+        logits *= np.float32(beta)
         top = logits.max(0)
-        out[s:s + BLOCK] = -(top + np.log(np.exp(logits - top).sum(0))) / beta
+        logits -= top
+        np.exp(logits, out=logits)
+        out[s:s + BLOCK] = -(top + np.log(logits.sum(0, dtype=np.float64))) / beta
     return out
 
 
@@ -65,31 +71,46 @@ def model_bank(model_path: str | Path) -> tuple[list[str], float] | None:
     doc = read_model_config(model_path)
     entry = doc.get("query_bank")
     texts = read_query_bank(model_path, entry)
-    if not texts or not entry.get("beta"):
+    if not texts:
         return None
-    return texts, float(entry["beta"])
+    try:
+        beta = float(entry.get("beta"))
+    except (TypeError, ValueError):
+        beta = float("nan")
+    if not (math.isfinite(beta) and 0 < beta <= MAX_BETA):
+        raise ModelError(f"{Path(model_path) / 'config.json'}: the query bank's beta must be a number in (0, "
+                         f"{MAX_BETA:g}] (the model's logit scale), got {entry.get('beta')!r:.40}")
+    return texts, beta
 
 
 @dataclass
 class QBNorm:
     """The stored offsets of an index: ``offset [max id + 1]`` float32 indexed by vector id (NaN:
-    no row), memory-mapped."""
+    no row), memory-mapped; ``fill``: the offset of an id without one (the median offset)."""
     offset: np.ndarray
     beta: float
     bank: int
+    fill: float = 0.0
 
     def of(self, ids: np.ndarray) -> np.ndarray:
-        """Offsets of ``ids`` ``[m]`` (an id without one, e.g. added after the stats: 0)."""
+        """Offsets of ``ids`` ``[m]``; an id without one (added after the statistics, e.g. while a
+        server swaps to a new build) gets :attr:`fill`, so that it is neither pushed up nor down."""
         ids = np.asarray(ids, np.int64)
         inside = (ids >= 0) & (ids < len(self.offset))
-        out = np.zeros(len(ids), np.float32)
+        out = np.full(len(ids), self.fill, np.float32)
         out[inside] = self.offset[ids[inside]]
-        return np.nan_to_num(out, nan=0.0)
+        return np.where(np.isnan(out), np.float32(self.fill), out)
 
-    def rerank(self, ids: np.ndarray, scores: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-        """The best ``keep`` of the candidates ``ids [m]`` with cosine ``scores [m]``, ordered by
-        ``score + offset`` (stable: ties keep the cosine order); their cosine scores unchanged."""
-        order = np.argsort(-(scores + self.of(ids)), kind="stable")[:keep]
+    def rerank(self, ids: np.ndarray, scores: np.ndarray, keep: int,
+               depth: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``keep`` of the candidates ``ids [m]`` (cosine order, ``scores [m]``) ranked by
+        ``score + offset`` within consecutive blocks of ``depth`` candidates (stable: ties keep the
+        cosine order); scores stay cosine. Block by block, so a longer candidate list only appends
+        to a shorter one's ranking: pages never overlap or skip across windows."""
+        depth = depth or RERANK_DEPTH
+        adjusted = scores + self.of(ids)
+        order = np.concatenate([s + np.argsort(-adjusted[s:s + depth], kind="stable")
+                                for s in range(0, len(ids), depth)] or [np.zeros(0, np.int64)])[:keep]
         return ids[order], scores[order]
 
 
@@ -97,16 +118,38 @@ def _bank_digest(texts: Sequence[str], beta: float) -> str:
     return hashlib.sha256(("\n".join(texts) + f"\n{beta:.6g}").encode("utf-8")).hexdigest()[:16]
 
 
+def _read_table(folder: Path, mmap: bool = False) -> np.ndarray:
+    """The offsets by id ``[max id + 1]`` float32. Raises ``OSError`` / ``ValueError`` for a
+    missing or damaged file (another dtype or shape included)."""
+    table = np.load(folder / STATS_FILE, mmap_mode="r" if mmap else None)
+    if table.dtype != np.float32 or table.ndim != 1:
+        raise ValueError(f"dtype {table.dtype}, shape {table.shape}: not float32 offsets by id")
+    return table
+
+
 def _stored(folder: Path, digest: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(bank vectors, offsets by id) kept from the last run with the same bank and beta, or None."""
+    """(bank vectors, offsets by id) kept from the last run with the same bank and beta, or None
+    (none, another bank, or damaged files: everything is computed again)."""
     try:
         with np.load(folder / BANK_FILE) as f:
             if str(f["digest"]) != digest:
                 return None
             bank = f["bank"].astype(np.float32)
-        return bank, np.load(folder / STATS_FILE)
-    except (OSError, KeyError, ValueError):
+        return bank, _read_table(folder)
+    except (OSError, KeyError, ValueError, EOFError):
         return None
+
+
+def healthy(folder: Path, manifest: dict) -> bool:
+    """Whether an index's stored offsets match its manifest (False: a run recomputes them)."""
+    entry = manifest.get("qbnorm")
+    if entry is None:
+        return "qbnorm" in manifest
+    try:
+        _read_table(folder, mmap=True)
+    except (OSError, ValueError, EOFError):
+        return False
+    return isinstance(entry, dict)
 
 
 def _new_offsets(catalog: Catalog, dim: int, bank: np.ndarray, beta: float, ids: np.ndarray, every: bool):
@@ -147,32 +190,36 @@ def update(folder: Path, catalog: Catalog, dim: int, texts: Sequence[str], beta:
     with atomic_path(folder / BANK_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, bank=bank, beta=np.float64(beta), digest=np.array(digest))
+    fill = float(np.nanmedian(table)) if len(ids) else 0.0
     return {"method": "QB-Norm, inverted softmax over the model's query bank", "beta": round(beta, 4),
-            "bank": len(texts), "computed": int(len(new_ids))}
+            "bank": len(texts), "computed": int(len(new_ids)), "fill": round(fill, 6)}
 
 
 def load(folder: Path, manifest: dict) -> QBNorm | None:
     """The stored offsets of an index whose manifest records them (memory-mapped), else None (an
-    index built before them, built with ``--no-qbnorm``, or a model without a query bank). A
+    index built before them, or with a model without a query bank). A
     damaged or missing file: a warning, and None (search goes on by cosine)."""
     entry = manifest.get("qbnorm")
     if not entry:
         return None
     try:
-        table = np.load(folder / STATS_FILE, mmap_mode="r")
-        if table.dtype != np.float32 or table.ndim != 1:
-            raise ValueError(f"dtype {table.dtype}, shape {table.shape}")
-        return QBNorm(table, float(entry["beta"]), int(entry.get("bank", 0)))
-    except (OSError, KeyError, ValueError) as e:
-        log.warning("%s: hubness statistics unreadable (%s); ranking by cosine", folder / STATS_FILE, e)
+        if not isinstance(entry, dict):
+            raise ValueError(f"manifest entry {entry!r:.40}")
+        beta, fill = float(entry["beta"]), float(entry.get("fill", 0.0))
+        if not (math.isfinite(beta) and beta > 0 and math.isfinite(fill)):
+            raise ValueError(f"beta {entry['beta']!r:.20}, fill {entry.get('fill')!r:.20}")
+        return QBNorm(_read_table(folder, mmap=True), beta, int(entry.get("bank", 0)), fill)
+    except (OSError, KeyError, ValueError, TypeError, EOFError) as e:
+        log.warning("%s: hubness statistics unreadable (%s); ranking by cosine (re-run `dualsearch index` to "
+                    "compute them again)", folder / STATS_FILE, e)
         return None
 
 
-def bank_for(model_path: str | Path) -> tuple[list[str], float] | None:
-    """:func:`model_bank`, a damaged bank logged and treated as none (indexing goes on without
+def bank_for(model_path: str | Path, doing: str = "indexing") -> tuple[list[str], float] | None:
+    """:func:`model_bank`, a damaged bank logged and treated as none (``doing`` goes on without
     the correction)."""
     try:
         return model_bank(model_path)
     except ModelError as e:
-        log.warning("%s; indexing without the hubness correction", e)
+        log.warning("%s; %s without the hubness correction", e, doing)
         return None

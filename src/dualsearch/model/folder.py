@@ -72,11 +72,18 @@ def read_query_bank(folder: str | os.PathLike, entry: dict | None) -> list[str] 
     none. Raises :class:`ModelError` when the file is missing or does not match its recorded hash."""
     if not entry:
         return None
-    path = Path(folder) / entry.get("file", QUERY_BANK_FILE)
+    name = entry.get("file", QUERY_BANK_FILE) if isinstance(entry, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ModelError(f"{Path(folder) / CONFIG_FILE}: damaged query_bank entry (a file name inside the model "
+                         f"folder is expected, got {entry!r:.80})")
+    path = Path(folder) / name
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ModelError(f"{path}: the model's query bank cannot be read ({e.strerror or e})") from e
     if hashlib.sha256(data).hexdigest()[:16] != entry.get("sha256"):
         raise ModelError(f"{path}: the query bank does not match the model's config (changed after training)")
-    return data.decode("utf-8").splitlines()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: the query bank is not UTF-8 text ({e.reason} at byte {e.start})") from e

@@ -76,6 +76,7 @@ def _first_captions(records: Sequence[ImageCaption], n: int | None) -> list[Imag
 
 
 PAIRS = ("sample", "all", "grouped")  # how a batch is drawn (see train.pairs.Pairs)
+MAX_HARD_NEGATIVES = 10.0  # HN-NCE's beta multiplies logits of up to 100: beyond this exp() overflows float32
 
 
 def _check_inputs(tcfg: TrainConfig, train: Sequence[ImageCaption]) -> None:
@@ -99,9 +100,10 @@ def _check_loss_options(mcfg: ModelConfig, tcfg: TrainConfig) -> None:
     """Refuse loss settings that do not go together, before any feature is computed."""
     if tcfg.pairs == "grouped" and mcfg.loss == "seed":
         raise UsageError("--pairs grouped needs the clip or siglip loss (the seed loss takes one caption per image)")
-    if not 0 <= mcfg.soft_targets < 1 or not (math.isfinite(mcfg.hard_negatives) and mcfg.hard_negatives >= 0):
-        raise UsageError(f"--soft-targets must be in [0, 1) and --hard-negatives >= 0, got {mcfg.soft_targets} "
-                         f"and {mcfg.hard_negatives}")
+    if not 0 <= mcfg.soft_targets < 1 or not (math.isfinite(mcfg.hard_negatives) and 0 <= mcfg.hard_negatives
+                                               <= MAX_HARD_NEGATIVES):
+        raise UsageError(f"--soft-targets must be in [0, 1) and --hard-negatives in [0, {MAX_HARD_NEGATIVES:g}], got "
+                         f"{mcfg.soft_targets} and {mcfg.hard_negatives}")
     if (mcfg.soft_targets or mcfg.hard_negatives) and (mcfg.loss != "clip" or tcfg.pairs == "grouped"):
         raise UsageError("--soft-targets and --hard-negatives need the clip loss with one caption per image in a "
                          "batch (not the seed or siglip loss, not --pairs grouped)")

@@ -1,5 +1,5 @@
 """Images per second of `dualsearch index` against the limit the engine and the decoder set, on
-generated 640x480 JPEGs with EfficientNet-Lite0 at 224 px.
+generated 640x480 JPEGs with EfficientNet-Lite0 at 224 px (`--image-tower efficientnet-lite2`: at its 260 px).
 
     python bench/index_speed.py [--images 2000] [--compare] [--skip-quality]
 
@@ -58,11 +58,14 @@ def load() -> str:
     return "load %.1f" % os.getloadavg()[0]
 
 
+SIZE = 224  # the image tower's input size (--image-tower sets it)
+
+
 def engine_rate(path: str, threads: int, batch: int, seconds: float = 4.0) -> float:
     from dualsearch.encode.runtime import ort_session
 
     session = ort_session(path, threads)
-    x = np.random.default_rng(0).normal(size=(batch, 3, 224, 224)).astype(np.float32)
+    x = np.random.default_rng(0).normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32)
     session.run(None, {"pixels": x})
     n, t0 = 0, time.perf_counter()
     while n < 3 or time.perf_counter() - t0 < seconds:
@@ -75,7 +78,7 @@ def decode_rate(files: list[Path], n: int = 300) -> float:
     from dualsearch.data.images import ImagePreprocessor
     from dualsearch.encode.pipeline import decode
 
-    prep = ImagePreprocessor(224, (0.5,) * 3, (0.5,) * 3, "crop")
+    prep = ImagePreprocessor(SIZE, (0.5,) * 3, (0.5,) * 3, "crop")
     t0 = time.perf_counter()
     for p in files[:n]:
         decode(str(p), prep)
@@ -125,7 +128,7 @@ def speed_rows(root: Path, model_dir: Path, encoder_of, compare: bool) -> list[l
              f"{before[0]:.1f} / {after[0]:.1f} ({before[3]} / {after[3]})"],
             [f"engine alone: ONNX fp32, batch {MAX_ONNX_BATCH}, 1 thread (one lane)", round(eng1, 1), "-", "-",
              f"{before[1]:.1f} / {after[1]:.1f}"],
-            ["decode alone: Pillow draft 640x480 -> 224, 1 thread", round(dec, 1), "-", "-",
+            [f"decode alone: Pillow draft 640x480 -> {SIZE}, 1 thread", round(dec, 1), "-", "-",
              f"{before[2]:.1f} / {after[2]:.1f}"],
             [f"limit: {cores} / (1/decode + {cores}/engine)", round(limit, 1), "100 %", "-", ""],
             [f"limit from the one-thread engine: {cores} / (1/decode + 1/engine_1)",
@@ -204,16 +207,21 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--compare", action="store_true", help="also the naive loop, --engine torch and Spark")
     ap.add_argument("--skip-quality", action="store_true", help="skip the INT8 quality rows")
+    ap.add_argument("--image-tower", default="efficientnet-lite0",
+                    help="the (untrained) model's image tower: efficientnet-lite0 (224 px), -lite1 (240), -lite2 (260)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ds = shapes("index", args.images, seed=9, size="640x480")
     root = Path(ds.records[0].image.path).parent
-    model_dir = BENCH_DIR / "index-model"
-    if not (model_dir / "config.json").is_file():
-        from dualsearch.config import ModelConfig
-        from dualsearch.model.dual_encoder import DualEncoder
+    global SIZE
+    from dualsearch.config import ModelConfig
+    from dualsearch.model.dual_encoder import DualEncoder
 
-        DualEncoder(ModelConfig()).eval().save(model_dir)
+    lite0 = args.image_tower == "efficientnet-lite0"
+    model_dir = BENCH_DIR / ("index-model" if lite0 else f"index-model-{args.image_tower}")
+    if not (model_dir / "config.json").is_file():
+        DualEncoder(ModelConfig(image_tower=args.image_tower)).eval().save(model_dir)
+    SIZE = DualEncoder.load(model_dir).image_tower.image_size
 
     def encoder_of() -> str:
         from dualsearch.encode.cache import default_cache_dir
@@ -226,7 +234,7 @@ def main() -> None:
     if args.compare:
         rows.append(naive_row(model_dir, sorted(root.glob("*.jpg"))))
     quality = None if args.skip_quality else quality_rows()
-    print(f"\nbench/index_speed.py: {args.images} generated 640x480 JPEGs, EfficientNet-Lite0 224 px; {machine()}")
+    print(f"\nbench/index_speed.py: {args.images} generated 640x480 JPEGs, {args.image_tower} {SIZE} px; {machine()}")
     print(table(["what", "img/s", "% of limit", "peak RSS (main + worker)", "notes"], rows))
     if quality:
         print("\nINT8 quality: model trained on 300 scenes (10 epochs), 100 held-out scenes, 500 captions")

@@ -194,3 +194,24 @@ def test_text_queries_use_the_onnx_encoder_without_torch(tmp_path, collection, t
             "'transformers' in sys.modules]))")
     res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True)
     assert json.loads(res.stdout.strip().splitlines()[-1]) == [3, False, False]
+
+
+def test_grid_labels_clear_the_row_above(tmp_path, collection):
+    """Each cell's rank/score/name label sits below the image of the cell above it (it used to
+    overlap it by a few pixels)."""
+    import matplotlib.pyplot as plt
+
+    from dualsearch.search import Result, grid_figure
+
+    paths = sorted(str(p) for p in collection.glob("*.jpg"))[:9]
+    fig = grid_figure([Result(p, 0.5, i) for i, p in enumerate(paths)], title="two red triangles")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = fig.axes
+        for above, below in zip(axes[:6], axes[3:9]):
+            image_bottom = above.images[0].get_window_extent(renderer).y0
+            label_top = below.title.get_window_extent(renderer).y1
+            assert label_top < image_bottom, (label_top, image_bottom)
+    finally:
+        plt.close(fig)

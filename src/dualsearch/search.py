@@ -362,7 +362,22 @@ def _whole(value, name: str, least: int) -> int:
 
 def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = "", cols: int = 3,
               thumb: int = 256) -> Path:
-    """The reference's figure: the top results in a grid, each with its rank and score."""
+    """The reference's figure: the top results in a grid, each with its rank and score, written
+    to ``out`` (format from its suffix). Raises ``StorageError`` where it cannot be written."""
+    import matplotlib.pyplot as plt
+
+    fig = grid_figure(results, title, cols, thumb)
+    out = Path(out)
+    try:
+        with atomic_path(out) as tmp:  # a one-line StorageError where it cannot be written
+            fig.savefig(tmp, format=(out.suffix.lstrip(".").lower() or "png").replace("jpeg", "jpg"))
+    finally:
+        plt.close(fig)
+    return out
+
+
+def grid_figure(results: Sequence[Result], title: str = "", cols: int = 3, thumb: int = 256):
+    """The matplotlib figure of :func:`save_grid` (each cell's label clears the row above)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -370,7 +385,7 @@ def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = ""
 
     n = max(1, len(results))
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 3.2 + (0.4 if title else 0)), dpi=100)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3, rows * 3.5 + (0.4 if title else 0)), dpi=100)
     axes = np.atleast_1d(axes).ravel()
     for ax in axes:
         ax.axis("off")
@@ -385,11 +400,5 @@ def save_grid(results: Sequence[Result], out: str | os.PathLike, title: str = ""
     if title:
         fig.suptitle(display_name(title), fontsize=10)
     height = fig.get_figheight()  # keep the title's band free of the first row's labels, at any row count
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else None)
-    out = Path(out)
-    try:
-        with atomic_path(out) as tmp:  # a one-line StorageError where it cannot be written
-            fig.savefig(tmp, format=(out.suffix.lstrip(".").lower() or "png").replace("jpeg", "jpg"))
-    finally:
-        plt.close(fig)
-    return out
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height) if title else None, h_pad=1.2)  # labels clear the row above
+    return fig

@@ -34,3 +34,19 @@ def table(headers: list[str], rows: list[list]) -> str:
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
     return "\n".join([line, sep, *body])
+
+
+def session_rate(session, size: int, batch: int, seconds: float = 4.0) -> float:
+    """Images per second of an ONNX Runtime image-encoder ``session`` on random ``[batch, 3, size,
+    size]`` input: one warm-up run, then runs for at least ``seconds`` (and at least 3)."""
+    import time
+
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    session.run(None, {"pixels": x})
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < seconds:
+        session.run(None, {"pixels": x})
+        n += 1
+    return n * batch / (time.perf_counter() - t0)

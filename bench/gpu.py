@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import BENCH_DIR, machine, shapes, table  # noqa: E402
+from _common import BENCH_DIR, machine, session_rate, shapes, table  # noqa: E402
 
 
 def held_out_r5(model, records, cache) -> float:
@@ -90,13 +90,7 @@ def onnx_rate(model_path: Path, gpu: bool, size: int, batch: int = 64, seconds: 
 
     # the image encoder's export that indexing wrote and verified (bench/index_speed.py's encoder_of)
     session = ort_session(onnx_file(default_cache_dir(), f"encoder-{model_content_hash(model_path)}"), gpu=gpu)
-    x = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
-    session.run(None, {"pixels": x})
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < seconds:
-        session.run(None, {"pixels": x})
-        n += 1
-    return n * batch / (time.perf_counter() - t0), session.get_providers()[0]
+    return session_rate(session, size, batch, seconds), session.get_providers()[0]
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import BENCH_DIR, machine, shapes, table  # noqa: E402
+from _common import BENCH_DIR, machine, session_rate, shapes, table  # noqa: E402
 from dualsearch.encode.pipeline import MAX_ONNX_BATCH  # noqa: E402
 
 CHILD = """
@@ -64,14 +64,7 @@ SIZE = 224  # the image tower's input size (--image-tower sets it)
 def engine_rate(path: str, threads: int, batch: int, seconds: float = 4.0) -> float:
     from dualsearch.encode.runtime import ort_session
 
-    session = ort_session(path, threads)
-    x = np.random.default_rng(0).normal(size=(batch, 3, SIZE, SIZE)).astype(np.float32)
-    session.run(None, {"pixels": x})
-    n, t0 = 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - t0 < seconds:
-        session.run(None, {"pixels": x})
-        n += 1
-    return n * batch / (time.perf_counter() - t0)
+    return session_rate(ort_session(path, threads), SIZE, batch, seconds)
 
 
 def decode_rate(files: list[Path], n: int = 300) -> float:

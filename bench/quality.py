@@ -23,7 +23,6 @@ import logging
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +36,7 @@ from dualsearch.eval import retrieval_metrics  # noqa: E402
 from dualsearch.index import qbnorm  # noqa: E402
 from dualsearch.logs import quiet_libraries  # noqa: E402
 from dualsearch.model.dual_encoder import DualEncoder  # noqa: E402
-from dualsearch.model.folder import QUERY_BANK_FILE, write_query_bank  # noqa: E402
+from dualsearch.model.folder import query_bank_captions  # noqa: E402
 from dualsearch.train.fit import fit, recipe  # noqa: E402
 
 # (label, recipe, overrides): the reference, the default, the previous default, then candidates
@@ -142,11 +141,8 @@ def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[in
 
 def hubness_offsets(model, train: list, emb) -> np.ndarray:
     """QB-Norm offsets ``[N]`` of the held-out images against the bank training writes into a
-    model folder (:func:`dualsearch.model.folder.write_query_bank`'s choice of captions), at the
-    model's logit scale."""
-    with tempfile.TemporaryDirectory() as d:
-        write_query_bank(d, [c for r in train for c in r.captions])
-        texts = (Path(d) / QUERY_BANK_FILE).read_text(encoding="utf-8").splitlines()
+    model folder (:func:`dualsearch.model.folder.query_bank_captions`), at the model's logit scale."""
+    texts = query_bank_captions([c for r in train for c in r.captions])
     beta = float(model.logit_scale.detach().exp())
     return qbnorm.offsets(model.embed_texts(texts), emb.image_emb, beta)
 

@@ -382,7 +382,8 @@ def _hubness(job: IndexJob) -> dict:
     model's query bank), None when the model has no bank or the index is empty."""
     bank = qbnorm.bank_for(job.model_path)
     if bank is None or not job.catalog.count():
-        (job.out / qbnorm.STATS_FILE).unlink(missing_ok=True)
+        for stale in (qbnorm.STATS_FILE, qbnorm.BANK_FILE):
+            (job.out / stale).unlink(missing_ok=True)
         return {"qbnorm": None}
     return {"qbnorm": qbnorm.update(job.out, job.catalog, job.dim, bank[0], bank[1], _query_encoder(job))}
 

@@ -187,9 +187,10 @@ def update(folder: Path, catalog: Catalog, dim: int, texts: Sequence[str], beta:
     with atomic_path(folder / STATS_FILE) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, table)
-    with atomic_path(folder / BANK_FILE) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, bank=bank, beta=np.float64(beta), digest=np.array(digest))
+    if kept is None:  # a bank embedded now: kept for the next runs (unchanged otherwise)
+        with atomic_path(folder / BANK_FILE) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, bank=bank, beta=np.float64(beta), digest=np.array(digest))
     fill = float(np.nanmedian(table)) if len(ids) else 0.0
     return {"method": "QB-Norm, inverted softmax over the model's query bank", "beta": round(beta, 4),
             "bank": len(texts), "computed": int(len(new_ids)), "fill": round(fill, 6)}

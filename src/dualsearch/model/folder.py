@@ -54,14 +54,20 @@ QUERY_BANK_FILE = "query_bank.txt"
 QUERY_BANK_LIMIT = 4096  # captions: the hubness statistics cost N x this x D multiply-adds at indexing
 
 
-def write_query_bank(folder: str | os.PathLike, captions: list[str], limit: int = QUERY_BANK_LIMIT) -> dict:
-    """Write the model's query bank: up to ``limit`` distinct training captions (one per line,
-    spread evenly over ``captions``), the queries an index's hubness correction normalises by
-    (QB-Norm, Bogolin et al., CVPR 2022; :mod:`dualsearch.index.qbnorm`). -> the config entry
-    (``file``, ``count``, ``sha256``: 16 hex digits of the file)."""
+def query_bank_captions(captions: list[str], limit: int = QUERY_BANK_LIMIT) -> list[str]:
+    """Up to ``limit`` distinct captions (whitespace collapsed, empty ones dropped), spread evenly
+    over ``captions``: the query bank a model trained on them carries."""
     seen = list(dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip()))
     step = max(1.0, len(seen) / limit)
-    bank = [seen[int(i * step)] for i in range(min(limit, len(seen)))]
+    return [seen[int(i * step)] for i in range(min(limit, len(seen)))]
+
+
+def write_query_bank(folder: str | os.PathLike, captions: list[str], limit: int = QUERY_BANK_LIMIT) -> dict:
+    """Write the model's query bank (:func:`query_bank_captions`, one per line), the queries an
+    index's hubness correction normalises by (QB-Norm, Bogolin et al., CVPR 2022;
+    :mod:`dualsearch.index.qbnorm`). -> the config entry (``file``, ``count``, ``sha256``: 16 hex
+    digits of the file)."""
+    bank = query_bank_captions(captions, limit)
     data = "".join(c + "\n" for c in bank).encode("utf-8")
     write_bytes(Path(folder) / QUERY_BANK_FILE, data)
     return {"file": QUERY_BANK_FILE, "count": len(bank), "sha256": hashlib.sha256(data).hexdigest()[:16]}

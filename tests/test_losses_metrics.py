@@ -162,6 +162,8 @@ def test_multi_positive_clip_loss():
     torch.manual_seed(0)
     img, txt, scale = torch.randn(4, 8), torch.randn(4, 8), torch.tensor(math.log(10.0))
     assert torch.allclose(clip_loss(img, txt, scale, torch.arange(4)), clip_loss(img, txt, scale), atol=1e-6)
+    bias = torch.tensor(-1.0)
+    assert torch.allclose(siglip_loss(img, txt, scale, bias, torch.arange(4)), siglip_loss(img, txt, scale, bias))
     txt = torch.randn(7, 8)
     owner = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     logits = 10.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
@@ -169,6 +171,9 @@ def test_multi_positive_clip_loss():
     lsm = F.log_softmax(logits, dim=-1)
     i2t = torch.stack([-lsm[i, owner == i].mean() for i in range(4)]).mean()
     assert torch.allclose(clip_loss(img, txt, scale, owner), (t2i + i2t) / 2, atol=1e-6)
+    z = torch.tensor([[1.0 if owner[j] == i else -1.0 for j in range(7)] for i in range(4)])
+    want = -F.logsigmoid(z * (logits - 1.0)).sum() / 4
+    assert torch.allclose(siglip_loss(img, txt, scale, bias, owner), want, atol=1e-5)
     # the image's other captions are no longer negatives: captions of one image all close to it
     close = F.normalize(img, dim=-1)[owner] * 5 + 0.01 * torch.randn(7, 8)
     per_pair = F.cross_entropy(10.0 * F.normalize(img, dim=-1)[owner] @ F.normalize(close, dim=-1).T,

@@ -23,7 +23,7 @@ from ..config import ModelConfig, from_dict, to_dict
 from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import ProjectionHead
-from .losses import clip_loss, clip_variant_loss, seed_loss, siglip_grouped_loss, siglip_loss
+from .losses import clip_loss, clip_variant_loss, seed_loss, siglip_loss
 from .prior import CLASSES, FusedTextHead, PriorHead, class_text_embeddings, parse_prior
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
@@ -106,9 +106,7 @@ class DualEncoder(nn.Module):
                                          self.config.hard_negatives)
             return clip_loss(image_emb, text_emb, self.logit_scale, owner)
         if self.config.loss == "siglip":
-            if owner is not None:
-                return siglip_grouped_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, owner)
-            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias)
+            return siglip_loss(image_emb, text_emb, self.logit_scale, self.logit_bias, owner)
         raise ModelError(f"unknown loss {self.config.loss!r}: use seed, clip or siglip")
 
     @property

@@ -86,20 +86,13 @@ def clip_variant_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torc
 
 
 def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss: -sum(log sigmoid(z_ij * (s * x_i.y_j + b))) / B, z = +1 on the
-    diagonal, -1 elsewhere."""
+                logit_bias: torch.Tensor, owner: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss: -sum(log sigmoid(z_ij * (s * x_i.y_j + b))) / B, z = +1 for an
+    image and its own caption, -1 elsewhere. ``owner [M]``: the image of each caption, when a
+    batch holds every caption of its images; None: one caption per image, on the diagonal."""
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     logits = logit_scale.exp() * image @ text.T + logit_bias
-    z = 2 * torch.eye(len(image), device=image.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(z * logits).sum() / len(image)
-
-
-def siglip_grouped_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                        logit_bias: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-    """:func:`siglip_loss` for batches holding every caption of their images: ``z = +1`` for each
-    (image, own caption), -1 elsewhere; ``owner [M]`` the image of each caption."""
-    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-    logits = logit_scale.exp() * image @ text.T + logit_bias
+    if owner is None:
+        owner = torch.arange(len(text), device=image.device)
     z = 2 * (owner[None, :] == torch.arange(len(image), device=image.device)[:, None]).to(logits.dtype) - 1
     return -F.logsigmoid(z * logits).sum() / len(image)

@@ -73,9 +73,10 @@ class Pairs(Dataset):
         else:
             i = k
             c = int(self.starts[i]) + (0 if self.fixed else random.randrange(self.counts[i]))
-        text = self._caption(i, c)
         if self.pairs == "grouped":
             text = [self._caption(i, int(self.starts[i]) + j) for j in range(self.counts[i])]
+        else:
+            text = self._caption(i, c)
         if self.img is not None:
             return self.img[i], text
         try:

@@ -4,9 +4,12 @@ import shutil
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "DUALSEARCH_CACHE" not in os.environ:  # keep the tests' ONNX exports and features out of ~/.cache
+    import atexit
     import tempfile
 
     os.environ["DUALSEARCH_CACHE"] = tempfile.mkdtemp(prefix="dualsearch-test-cache-")
+    # removed when the run ends: CI machines share /tmp, and 400 leftover runs filled a disk
+    atexit.register(shutil.rmtree, os.environ["DUALSEARCH_CACHE"], ignore_errors=True)
 
 import pytest
 

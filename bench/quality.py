@@ -68,6 +68,10 @@ VARIANTS = [
     # beta 0.5 (Radenovic et al., CVPR 2023) (issue 15, item 4)
     ("default: soft targets 0.3", "default", {"soft_targets": 0.3}),
     ("default: hard negatives 0.5", "default", {"hard_negatives": 0.5}),
+    # an ensemble of 3 heads per side (seeds s, s + 1000, s + 2000), their spaces aligned by orthogonal
+    # Procrustes and averaged (issue 15, item 5; dualsearch.model.ensemble), alone and with QB-Norm
+    ("default: ensemble 3", "default", {"ensemble": 3}),
+    ("default: ensemble 3 + QB-Norm", "default", {"ensemble": 3, "qbnorm": True}),
 ]
 TRAIN_ONLY = ("cache_activations", "qbnorm")  # variant settings that are not recipe fields
 

@@ -82,6 +82,16 @@ def test_index_stores_offsets_and_text_search_ranks_with_them(tmp_path, collecti
     assert main(["search", str(out), "two red triangles", "-k", "10", "--json", "--no-qbnorm"]) == 0
     hits = json.loads(capsys.readouterr().out)
     assert [h["id"] for h in hits] == cosine_first.tolist()
+    from fastapi.testclient import TestClient
+
+    from dualsearch.server.app import create_app
+
+    with TestClient(create_app(Searcher.open(out))) as c:  # the HTTP API: per request, on by default
+        for params, expect in (({}, want), ({"qbnorm": "false"}, cosine_first)):
+            got = c.get("/api/search", params={"q": "two red triangles", "k": 10, **params}).json()
+            assert [h["id"] for h in got["results"]] == expect.tolist()
+        got = c.post("/api/search", json={"q": "two red triangles", "k": 10, "qbnorm": False}).json()
+        assert [h["id"] for h in got["results"]] == cosine_first.tolist()
 
 
 def test_offsets_follow_the_catalog_incrementally(tmp_path, collection, tiny_model):

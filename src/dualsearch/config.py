@@ -27,6 +27,7 @@ class ModelConfig:
     text_trainable: str = "frozen"
     soft_targets: float = 0.0  # clip loss: weight of the reference's soft targets blended into the diagonal
     hard_negatives: float = 0.0  # clip loss: HN-NCE's beta (0: plain InfoNCE)
+    ensemble: int = 1  # projection heads per side, trained with different seeds and averaged (model/heads.py)
 
     @property
     def normalize(self) -> bool:

@@ -99,7 +99,7 @@ class Searcher:
         self._text_batcher = (MicroBatcher(lambda texts: self.text_encoder.embed(texts))
                               if self.text_encoder is not None else None)
         self.calibration = load_calibration(folder, manifest)
-        self.qbnorm = qbnorm.load(folder, manifest)  # None: rank by cosine alone (set it to None to opt out)
+        self.qbnorm = qbnorm.load(folder, manifest)  # None: rank by cosine alone (per query: qbnorm=False)
 
     @property
     def catalog(self) -> Catalog:
@@ -310,13 +310,14 @@ class Searcher:
     def search_page(self, text: str | None = None, k: int = 9, image=None, image_weight: float = 1.0,
                     add: Sequence[str] = (), subtract: Sequence[str] = (), like_id: int | None = None,
                     where: PhotoFilter | None = None, offset: int = 0, sort: str = "score",
-                    collapse: bool = False) -> Page:
+                    collapse: bool = False, qbnorm: bool = True) -> Page:
         """Text and/or image query, plus extra positive (``add``) and negative (``subtract``)
         texts, and/or an indexed image's id (more like this), among the images that pass
         ``where``: one page (see :meth:`search_vector`). With no query at all and
         ``sort="date"``: :meth:`browse`. Safe to call from several threads at once. Raises
         :class:`QueryError` for an empty or self-cancelling query. A query of texts alone is
-        ranked with the index's hubness correction when it has one (:mod:`dualsearch.index.qbnorm`)."""
+        ranked with the index's hubness correction when it has one (:mod:`dualsearch.index.qbnorm`) and
+        ``qbnorm`` is true (false: by cosine alone)."""
         if not (text or image is not None or add or subtract or like_id is not None) and sort == "date":
             return self.browse(where, k, offset)
         texts = ([(text, 1.0)] if text else []) + [(t, 1.0) for t in add] + [(t, -1.0) for t in subtract]
@@ -324,7 +325,7 @@ class Searcher:
         vectors = [(self.id_vector(like_id), 1.0)] if like_id is not None else []
         q = self.combine(texts, images, vectors)
         return self.search_vector(q, k, [like_id] if like_id is not None else [], where, offset, sort, collapse,
-                                  hubness=bool(texts) and not images and not vectors)
+                                  hubness=qbnorm and bool(texts) and not images and not vectors)
 
     def search(self, text: str | None = None, k: int = 9, **kwargs) -> list[Result]:
         """:meth:`search_page`'s results (the first ``k`` unless ``offset`` is given)."""

@@ -33,13 +33,12 @@ def cmd_search(args: argparse.Namespace) -> None:
         check_readable(args.image)
     grid = grid_path(args.grid) if args.grid else None
     searcher = open_searcher(args.index, args.model)
-    if args.no_qbnorm:
-        searcher.qbnorm = None
     try:
         where = photo_filter(args)
         page = searcher.search_page(args.query, k=args.k, image=args.image, image_weight=args.image_weight,
                                     add=args.add or (), subtract=args.subtract or (), where=where,
-                                    offset=args.offset, sort=args.sort, collapse=args.collapse_duplicates)
+                                    offset=args.offset, sort=args.sort, collapse=args.collapse_duplicates,
+                                    qbnorm=not args.no_qbnorm)
         empty = (f"no indexed image passes the filters (the index holds {len(searcher)} images below "
                  f"{searcher.catalog.root or 'their own paths'})") if where and not page.total else None
     finally:

@@ -20,10 +20,11 @@ from .options import (
 )
 
 contrastive_batch = int_at_least(2, 1 << 20, name="contrastive_batch")  # one positive needs one negative at least
+ensemble_size = int_at_least(1, 16, name="ensemble_size")  # model.dual_encoder.MAX_ENSEMBLE heads per side
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
                    "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed",
-                   "pairs", "soft_targets", "hard_negatives")
+                   "pairs", "soft_targets", "hard_negatives", "ensemble")
 
 
 def _train_val(args: argparse.Namespace, seed: int):
@@ -37,12 +38,13 @@ def _train_val(args: argparse.Namespace, seed: int):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from ..train.recipes import recipe
+    from ..train.recipes import check_ensemble, recipe
 
     overrides = {k: getattr(args, k) for k in TRAIN_OVERRIDES}
     if args.augment:
         overrides["augment"] = True
     mcfg, tcfg = recipe(args.recipe, **overrides)
+    check_ensemble(mcfg, fine_tuning=bool(args.init))
     check_writable(args.out)
     if args.init:
         check_model(args.init)
@@ -62,8 +64,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                  extra={"source": str(args.captions)})
     last = result.history[-1] if result.history else {}
     best = result.best_val_loss if result.best_val_loss is not None else float("nan")
-    print(f"trained {len(result.history)} epochs ({len(train)} train / {len(val)} val images); "
-          f"last train loss {last.get('train_loss', float('nan')):.4f}, best val loss {best:.4f}")
+    runs = f"{mcfg.ensemble} members, {len(result.history)} epochs in all" if mcfg.ensemble > 1 else \
+        f"{len(result.history)} epochs"
+    print(f"trained {runs} ({len(train)} train / {len(val)} val images); "
+          f"last train loss {last.get('train_loss', float('nan')):.4f}, best val loss {best:.4f}"
+          f"{' (mean of the members)' if mcfg.ensemble > 1 else ''}")
     print(f"model written to {result.folder}")
     print(f"loss curve: {result.folder}/loss.png")
 
@@ -143,6 +148,9 @@ def _train_parser(sub) -> None:
                    help="clip loss: blend the reference's soft targets into the diagonal with weight W in [0, 1)")
     p.add_argument("--hard-negatives", type=non_negative_float, metavar="BETA",
                    help="clip loss: HN-NCE, negatives weighted by exp(BETA x their logit) (0: off)")
+    p.add_argument("--ensemble", type=ensemble_size, metavar="N",
+                   help="train N heads per side with different seeds and average their aligned outputs "
+                        "(N times the training; same embedding size) (default: the recipe's)")
     p.add_argument("--augment", action="store_true", help="random crops + brightness (disables the cache)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu")
     p.add_argument("--devices", type=devices, default="auto", help="number of devices (several GPUs use DDP)")

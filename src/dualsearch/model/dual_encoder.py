@@ -22,12 +22,13 @@ from torch import nn
 from ..config import ModelConfig, from_dict, to_dict
 from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
-from .heads import ProjectionHead
+from .heads import EnsembleHead, ProjectionHead
 from .losses import clip_loss, clip_variant_loss, seed_loss, siglip_loss
 from .prior import CLASSES, FusedTextHead, PriorHead, class_text_embeddings, parse_prior
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)
+MAX_ENSEMBLE = 16  # heads per side in one model (--ensemble)
 
 class DualEncoder(nn.Module):
     """``encode_image(pixels [B,3,H,W]) -> [B,D]``, ``encode_text(tokens) -> [B,D]``."""
@@ -43,6 +44,9 @@ class DualEncoder(nn.Module):
         self.image_tower.set_trainable(config.image_trainable)
         self.text_tower.set_trainable(config.text_trainable)
         d = config.embed_dim
+        if not 1 <= config.ensemble <= MAX_ENSEMBLE or (config.ensemble > 1 and config.head != "projection"):
+            raise ModelError(f"an ensemble is 1 to {MAX_ENSEMBLE} projection heads per side, got {config.ensemble} "
+                             f"with head {config.head!r}")
         if config.head == "identity":  # CLIP-like towers already end in their projection
             for tower in (self.image_tower, self.text_tower):
                 if tower.output_dim != d:
@@ -70,15 +74,15 @@ class DualEncoder(nn.Module):
         if d < 1:
             raise ModelError(f"the image prior {config.image_prior!r} keeps the text tower's {text_dim} dimensions "
                              f"beside the heads': embed_dim must be over {text_dim}, got {config.embed_dim}")
-        text_head = ProjectionHead(text_dim, d, config.head_layers, config.dropout)
+        text_head = projection_head(text_dim, d, config)
         if not top:
-            return ProjectionHead(dim, d, config.head_layers, config.dropout), text_head
+            return projection_head(dim, d, config), text_head
         if fill_prior:
             w, b = self.image_tower.imagenet_classifier()
             names = class_text_embeddings(self.text_tower)
         else:
             w, b, names = torch.zeros(CLASSES, dim), torch.zeros(CLASSES), torch.ones(CLASSES, text_dim)
-        head = ProjectionHead(dim + text_dim, d, config.head_layers, config.dropout)
+        head = projection_head(dim + text_dim, d, config)
         return (PriorHead(head, w, b, names, top, weight),
                 FusedTextHead(text_head, weight) if weight else text_head)
 
@@ -212,6 +216,13 @@ class DualEncoder(nn.Module):
                                      f"is not the one this model was trained with")
         model.folder = folder
         return model.to(device).eval()
+
+
+def projection_head(in_dim: int, dim: int, config: ModelConfig) -> nn.Module:
+    """One side's projection head ``[B, in_dim] -> [B, dim]``, or with ``config.ensemble`` N > 1 an
+    :class:`EnsembleHead` of N of them (their rotations set by :func:`dualsearch.model.ensemble.merge`)."""
+    heads = [ProjectionHead(in_dim, dim, config.head_layers, config.dropout) for _ in range(config.ensemble)]
+    return heads[0] if len(heads) == 1 else EnsembleHead(heads, dim)
 
 
 def resolve_spec(spec: str, folder: str | os.PathLike | None) -> str:

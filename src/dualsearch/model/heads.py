@@ -24,3 +24,24 @@ class ProjectionHead(nn.Module):
             x = block["norm"](x + projected)
             projected = x
         return projected
+
+
+class EnsembleHead(nn.Module):
+    """Heads trained apart (different seeds) as one: ``[B, in] -> [B, D]``,
+    ``unit(mean_i unit(head_i(x)) @ R_i)``. ``rotations [N, D, D]`` are orthogonal maps of each
+    member's space onto the first member's (``R_0 = I``), fitted by orthogonal Procrustes
+    (:func:`dualsearch.model.ensemble.procrustes`): members trained from different random
+    initialisations learn the same geometry in arbitrarily rotated spaces, so plain averaging would
+    mix unrelated coordinates. The image and text sides use the same ``R_i``, so each member's
+    image-text dot products are kept, and the output keeps one member's dimension (unlike
+    concatenation, which multiplies the index's size by N)."""
+
+    def __init__(self, heads: list[nn.Module], dim: int):
+        super().__init__()
+        self.members = nn.ModuleList(heads)
+        self.register_buffer("rotations", torch.eye(dim).expand(len(heads), dim, dim).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack([nn.functional.normalize(h(x), dim=-1) for h in self.members])  # [N, B, D]
+        mean = torch.einsum("nbd,nde->be", outs, self.rotations.to(outs.dtype)) / len(self.members)
+        return nn.functional.normalize(mean, dim=-1)

@@ -81,6 +81,8 @@ class Filters(BaseModel):
     offset: int = Field(0, ge=0, le=100_000)
     sort: Literal["score", "date"] = "score"
     collapse: bool = Field(False, description="one image per group of near-duplicates")
+    qbnorm: bool = Field(True, description="rank a text query with the index's hubness correction (QB-Norm), "
+                                           "when it has one; false: by cosine alone")
     folders: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=32, alias="in")
     glob: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32)
     after: str | None = Field(None, max_length=32, description="taken on or after (YYYY-MM-DD)")
@@ -198,7 +200,7 @@ def _search_routes(app: FastAPI, live: LiveSearcher, sources: Sources, max_k: in
             raise HTTPException(422, "give q (text), or sort=date to list images newest first")
         s = live()
         return _answer(s, q, lambda: s.search_page(q or None, k=check_k(k), where=f.where(), offset=f.offset,
-                                                   sort=f.sort, collapse=f.collapse))
+                                                   sort=f.sort, collapse=f.collapse, qbnorm=f.qbnorm))
 
     @app.post("/api/search", response_model=SearchResponse)
     def search_combined(body: CombinedQuery):
@@ -209,7 +211,7 @@ def _search_routes(app: FastAPI, live: LiveSearcher, sources: Sources, max_k: in
             raise HTTPException(404, "no such image")
         return _answer(s, body.q or "", lambda: s.search_page(
             body.q, k=body.k, add=body.add, subtract=body.subtract, like_id=like_id, where=body.where(),
-            offset=body.offset, sort=body.sort, collapse=body.collapse))
+            offset=body.offset, sort=body.sort, collapse=body.collapse, qbnorm=body.qbnorm))
 
     @app.post("/api/search/image", response_model=SearchResponse)
     def search_upload(f: Annotated[Filters, Query()], file: UploadFile = File(...), k: int = Query(9, ge=1),

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -38,14 +38,15 @@ from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
 from ..encode.activations import image_bytes
-from ..encode.features import fill_image_prior
+from ..encode.features import embed_records, fill_image_prior
 from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
+from ..model.ensemble import head_outputs, merge
 from ..model.folder import write_query_bank
 from ..storage import atomic_path, write_text
 from .module import DualEncoderModule, EpochProgress, History, TrainingError
 from .pairs import MIN_TRAIN_IMAGES, Side, build_loaders
-from .recipes import RECIPES, recipe  # noqa: F401 (the run's recipes, importable from here too)
+from .recipes import RECIPES, check_ensemble, recipe  # noqa: F401 (the run's recipes, importable from here too)
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +239,15 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     written to ``out`` (the message says so; ``error.result`` holds its :class:`FitResult`), else
     nothing is written. Ctrl-C raises :class:`~dualsearch.errors.Interrupted` the same way (the
     best epoch so far written, or nothing before the first epoch ended); no checkpoint is left."""
-    pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
     _check_loss_options(init_model.config if init_model is not None else mcfg, tcfg)
+    check_ensemble(mcfg, init_model is not None)
+    if init_model is None and mcfg.ensemble > 1:
+        return _fit_ensemble(mcfg, tcfg, train, val, out, cache_dir if use_cache else None, extra,
+                             {"use_cache": use_cache, "accelerator": accelerator, "devices": devices,
+                              "num_workers": num_workers, "progress": progress, "cache_activations": cache_activations})
+    pl.seed_everything(tcfg.seed, workers=True, verbose=False)
     model = init_model
     if model is None:  # a prior's class-name features come through the feature cache
         model = DualEncoder(mcfg, fill_prior=False)
@@ -260,21 +266,82 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
         if outcome.best_epoch is None and (outcome.stopped_in is not None or outcome.failure is not None):
             _raise_nothing_written(outcome)
         model = module.model.cpu().eval()
-        folder = None
-        if out is not None:
-            bank = write_query_bank(out, [c for r in train for c in r.captions])
-            bank["beta"] = round(float(model.logit_scale.detach().exp()), 4)  # the model's own softmax temperature
-            folder = model.save(out, extra={"train": to_dict(tcfg), "data": {
-                "train_images": len(train), "val_images": len(val), **(extra or {})},
-                "example_queries": example_queries(train), "query_bank": bank})
-            model.folder = folder
-            write_history(history, folder)
+        folder = save_run(model, out, tcfg, train, val, history, extra) if out is not None else None
     result = FitResult(model, folder, history, outcome.best)
     if outcome.failure is not None:
         _raise_with_best(outcome.failure, result, outcome.best_epoch, module.monitor)
     if outcome.stopped_in is not None:
         _raise_interrupted(result, outcome)
     return result
+
+
+def save_run(model: DualEncoder, out: str | os.PathLike, tcfg: TrainConfig, train: Sequence[ImageCaption],
+             val: Sequence[ImageCaption], history: list[dict], extra: dict | None) -> Path:
+    """Write a trained model's folder: weights and config (with the run's settings, data sizes and
+    example queries), the query bank of its training captions with the model's logit scale as
+    QB-Norm's beta, and the loss history and plot."""
+    bank = write_query_bank(out, [c for r in train for c in r.captions])
+    bank["beta"] = round(float(model.logit_scale.detach().exp()), 4)  # the model's own softmax temperature
+    folder = model.save(out, extra={"train": to_dict(tcfg), "data": {
+        "train_images": len(train), "val_images": len(val), **(extra or {})},
+        "example_queries": example_queries(train), "query_bank": bank})
+    model.folder = folder
+    write_history(history, folder)
+    return folder
+
+
+# ============================================================================ ensembles of heads
+ENSEMBLE_SEED_STRIDE = 1000  # member i trains with seed + 1000 i: runs of seeds 0, 1, 2 share no member
+ALIGN_IMAGES = 4096  # training images (and their captions) the members' spaces are aligned on
+
+
+def _fit_ensemble(mcfg: ModelConfig, tcfg: TrainConfig, train: list[ImageCaption], val: list[ImageCaption],
+                  out, cache_dir, extra: dict | None, options: dict) -> FitResult:
+    """Train ``mcfg.ensemble`` single-head members (seeds ``tcfg.seed + 1000 i``), each early-stopped
+    on ``val`` as :func:`fit` does, then merge them (:func:`_merged`). A member stopped by Ctrl-C or
+    a diverging run ends the ensemble there: the members so far, with the stopped member's best
+    epoch, are merged and written, and the error says so (``error.result``)."""
+    n, members, history, best = mcfg.ensemble, [], [], []
+    for i in range(n):
+        log.info("ensemble member %d of %d", i + 1, n)
+        try:
+            res = fit(replace(mcfg, ensemble=1), replace(tcfg, seed=tcfg.seed + ENSEMBLE_SEED_STRIDE * i), train,
+                      val, None, cache_dir=cache_dir, extra=extra, **options)
+        except (Interrupted, TrainingError) as e:
+            partial = getattr(e, "result", None) is not None
+            if partial:
+                members.append(e.result.model)
+                history += [{"member": i + 1, **h} for h in e.result.history]
+            if not members:
+                raise
+            model = _merged(members, train, cache_dir)
+            folder = save_run(model, out, tcfg, train, val, history, extra) if out is not None else None
+            where = f"written to {folder}" if folder is not None else "kept in error.result"
+            what = "stopped" if isinstance(e, Interrupted) else f"{e.__cause__ or e}:"
+            error = type(e)(f"{what} in ensemble member {i + 1} of {n}; the {len(members)} member(s) trained so far "
+                            f"{'(the last at its best epoch) ' if partial else ''}were merged and {where}")
+            error.result = FitResult(model, folder, history, None)
+            raise error from e
+        members.append(res.model)
+        history += [{"member": i + 1, **h} for h in res.history]
+        best.append(res.best_val_loss)
+    model = _merged(members, train, cache_dir)
+    folder = save_run(model, out, tcfg, train, val, history, extra) if out is not None else None
+    scores = [b for b in best if b is not None]
+    return FitResult(model, folder, history, float(np.mean(scores)) if scores else None)
+
+
+def _merged(members: list[DualEncoder], train: Sequence[ImageCaption], cache_dir) -> DualEncoder:
+    """One model of the members (a lone member as it is), their spaces aligned on up to
+    :data:`ALIGN_IMAGES` training images and their captions (:func:`dualsearch.model.ensemble.merge`)."""
+    if len(members) == 1:
+        return members[0]
+    sample = list(train[:: max(1, len(train) // ALIGN_IMAGES)])
+    outputs = []
+    for m in members:
+        emb = embed_records(m, sample, cache_dir, show_progress=False)
+        outputs.append(head_outputs(m, np.concatenate([emb.image_emb, emb.text_emb])))
+    return merge(members, outputs)
 
 
 def example_queries(records, n: int = 8) -> list[str]:
@@ -327,11 +394,14 @@ def write_history(history: list[dict], folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] for r in history]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(epochs, [r["train_loss"] for r in history], marker="o", label="train")
-    if any(np.isfinite(r["val_loss"]) for r in history):
-        ax.plot(epochs, [r["val_loss"] for r in history], marker="o", label="valid")
+    for member in dict.fromkeys(r.get("member") for r in history):  # an ensemble: one pair of lines per member
+        rows = [r for r in history if r.get("member") == member]
+        name = f"member {member} " if member is not None else ""
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", label=f"{name}train")
+        if any(np.isfinite(r["val_loss"]) for r in rows):
+            ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", label=f"{name}valid")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

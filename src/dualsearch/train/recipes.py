@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..config import ModelConfig, TrainConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 
 MINILM_DIM = 384  # minilm-l6's features, kept beside the heads' output by a fused prior ("conse:T:W")
 
@@ -57,3 +57,16 @@ def recipe(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
     mf = {k: v for k, v in overrides.items() if v is not None and hasattr(mcfg, k)}
     tf = {k: v for k, v in overrides.items() if v is not None and hasattr(tcfg, k)}
     return _prior_fits(replace(mcfg, **mf), mf), replace(tcfg, **tf)
+
+
+def check_ensemble(mcfg: ModelConfig, fine_tuning: bool) -> None:
+    """An ensemble (``mcfg.ensemble`` > 1) trains new heads on frozen towers, its members sharing
+    one copy of each tower: raises :class:`~dualsearch.errors.UsageError` with ``fine_tuning`` (an
+    existing model) or a trainable tower."""
+    if mcfg.ensemble == 1:
+        return
+    if fine_tuning:
+        raise UsageError("--ensemble trains new heads: it does not go with --init (fine-tuning one model)")
+    if mcfg.image_trainable != "frozen" or mcfg.text_trainable != "frozen":
+        raise UsageError("--ensemble trains heads on frozen towers (its members share each tower): not with "
+                         "--image-trainable or --text-trainable")

@@ -40,38 +40,44 @@ from dualsearch.model.folder import query_bank_captions  # noqa: E402
 from dualsearch.train.fit import fit, recipe  # noqa: E402
 
 # (label, recipe, overrides): the reference, the default, the previous default, then candidates
+SINGLE = {"ensemble": 1}  # one head per side: the default before the ensemble
 VARIANTS = [
     ("seed", "seed", {}),
     ("default", "default", {}),
+    ("default + QB-Norm", "default", {"qbnorm": True}),
+    # the default before the ensemble (issue 15, item 5): one head per side. The candidates below it
+    # were measured against it, as single heads (SINGLE), and keep that meaning
+    ("default: single head", "default", {"ensemble": 1}),
     ("clip (default before)", "clip", {}),
-    ("default: prior as input only", "default", {"image_prior": "conse:20", "embed_dim": 256}),
-    ("default: prior weight 1", "default", {"image_prior": "conse:20:1"}),
-    ("default: conse:5:1", "default", {"image_prior": "conse:5:1"}),
-    ("default: conse:1000:1", "default", {"image_prior": "conse:1000:1"}),
+    ("default: prior as input only", "default", {"image_prior": "conse:20", "embed_dim": 256, **SINGLE}),
+    ("default: prior weight 1", "default", {"image_prior": "conse:20:1", **SINGLE}),
+    ("default: conse:5:1", "default", {"image_prior": "conse:5:1", **SINGLE}),
+    ("default: conse:1000:1", "default", {"image_prior": "conse:1000:1", **SINGLE}),
     # cached partial fine-tuning (issue 15, item 8): the last image block (conv_head + bn) trains on
     # activations cached at its input ([320, 7, 7] float16), against the same run with the whole tower
-    # every step ("raw"; fit(cache_activations=False))
+    # every step ("raw"; fit(cache_activations=False)); a trainable tower trains one model (no ensemble)
     ("default: image last:1 (cached activations)", "default", {"image_trainable": "last:1"}),
     ("default: image last:1 (raw)", "default", {"image_trainable": "last:1", "cache_activations": False}),
     # bigger offline image towers (issue 15, item 7; weights: the `towers` extra): the same recipe, its
     # conse prior from each tower's own ImageNet classifier; Lite1 at 240 px, Lite2 at 260 px
-    ("default: efficientnet-lite1", "default", {"image_tower": "efficientnet-lite1"}),
-    ("default: efficientnet-lite2", "default", {"image_tower": "efficientnet-lite2"}),
-    # retrieval-time hubness correction (issue 15, item 6): the default model, its held-out gallery
-    # re-ranked by QB-Norm against its own query bank (the training captions) at beta = its logit
-    # scale, exactly over the whole gallery (dualsearch.index.qbnorm; search re-ranks the ANN window)
-    ("default + QB-Norm", "default", {"qbnorm": True}),
+    ("default: efficientnet-lite1", "default", {"image_tower": "efficientnet-lite1", **SINGLE}),
+    ("default: efficientnet-lite2", "default", {"image_tower": "efficientnet-lite2", **SINGLE}),
+    # retrieval-time hubness correction (issue 15, item 6): the model, its held-out gallery re-ranked
+    # by QB-Norm against its own query bank (the training captions) at beta = its logit scale, exactly
+    # over the whole gallery (dualsearch.index.qbnorm; search re-ranks the ANN window)
+    ("default: single head + QB-Norm", "default", {"qbnorm": True, **SINGLE}),
     # every caption of an image in its batch as positives of one another (issue 15, item 4; the real
     # sets have one caption per image, where this is the default's loss exactly: shapes has 5)
-    ("default: multi-positive (pairs grouped)", "default", {"pairs": "grouped"}),
+    ("default: multi-positive (pairs grouped)", "default", {"pairs": "grouped", **SINGLE}),
     # the reference's soft targets blended in with weight 0.3, and HN-NCE's hard-negative weights at
     # beta 0.5 (Radenovic et al., CVPR 2023) (issue 15, item 4)
-    ("default: soft targets 0.3", "default", {"soft_targets": 0.3}),
-    ("default: hard negatives 0.5", "default", {"hard_negatives": 0.5}),
-    # an ensemble of 3 heads per side (seeds s, s + 1000, s + 2000), their spaces aligned by orthogonal
-    # Procrustes and averaged (issue 15, item 5; dualsearch.model.ensemble), alone and with QB-Norm
-    ("default: ensemble 3", "default", {"ensemble": 3}),
-    ("default: ensemble 3 + QB-Norm", "default", {"ensemble": 3, "qbnorm": True}),
+    ("default: soft targets 0.3", "default", {"soft_targets": 0.3, **SINGLE}),
+    ("default: hard negatives 0.5", "default", {"hard_negatives": 0.5, **SINGLE}),
+    # caption-level mined hard negatives (issue 15, item 4): each batch from one k-means cluster of
+    # the captions' features (topic-aware sampling, Hofstätter et al., SIGIR 2021)
+    ("default: topic batches", "default", {"topic_batches": True, **SINGLE}),
+    # more heads per side (issue 15, item 5): the default's ensemble of 3 against 5
+    ("default: ensemble 5", "default", {"ensemble": 5}),
 ]
 TRAIN_ONLY = ("cache_activations", "qbnorm")  # variant settings that are not recipe fields
 
@@ -123,9 +129,11 @@ def feature_caches(parts: tuple, towers: set[str], root: str | None, default: st
 
 
 def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[int], cache) -> dict:
-    """Train one variant with each seed; its held-out metrics per seed and its mean training time."""
+    """Train one variant with each seed; its held-out metrics per seed, ranked by cosine (``runs``)
+    and with QB-Norm (``runs_qb``: text->image re-ranked, image->text as is), and its mean training
+    time. A variant and its "+ QB-Norm" twin share one training (:func:`measured`)."""
     train, val, test = parts
-    runs, secs, epoch_secs = [], [], []
+    runs, runs_qb, secs, epoch_secs = [], [], [], []
     for seed in seeds:
         mcfg, tcfg = recipe(name, seed=seed, **{k: v for k, v in overrides.items() if k not in TRAIN_ONLY})
         t0 = time.perf_counter()
@@ -134,13 +142,27 @@ def measure(label: str, name: str, overrides: dict, parts: tuple, seeds: list[in
         secs.append(time.perf_counter() - t0)
         epoch_secs.append(float(np.mean([h["seconds"] for h in res.history])))
         emb = embed_records(res.model, test, cache, show_progress=False)
-        m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image,
-                              image_bias=hubness_offsets(res.model, train, emb) if overrides.get("qbnorm") else None)
-        t2i = m.text_to_image
-        runs.append([t2i["R@1"], t2i["R@5"], t2i["R@10"], m.image_to_text["R@5"], len(res.history)])
-        print(f"  {label} seed {seed}: t2i R@5 {t2i['R@5']:.1f} ({secs[-1]:.0f} s)", file=sys.stderr, flush=True)
-    return {"runs": np.array(runs), "secs": float(np.mean(secs)), "epoch_secs": float(np.mean(epoch_secs)),
-            "gallery": len(emb.image_emb)}
+        for out, bias in ((runs, None), (runs_qb, hubness_offsets(res.model, train, emb))):
+            m = retrieval_metrics(emb.image_emb, emb.text_emb, emb.text_image, image_bias=bias)
+            t2i = m.text_to_image
+            out.append([t2i["R@1"], t2i["R@5"], t2i["R@10"], m.image_to_text["R@5"], len(res.history)])
+        print(f"  {label} seed {seed}: t2i R@5 {runs[-1][1]:.1f}, with QB-Norm {runs_qb[-1][1]:.1f} "
+              f"({secs[-1]:.0f} s)", file=sys.stderr, flush=True)
+    return {"runs": np.array(runs), "runs_qb": np.array(runs_qb), "secs": float(np.mean(secs)),
+            "epoch_secs": float(np.mean(epoch_secs)), "gallery": len(emb.image_emb)}
+
+
+def measured(wanted: list, parts: tuple, seeds: list[int], caches: dict, towers: dict, epochs) -> dict:
+    """label -> :func:`measure`'s result, each distinct training run once: a "+ QB-Norm" variant
+    reads its twin's ``runs_qb`` as its ``runs``."""
+    done, results = {}, {}
+    for label, name, ov in wanted:
+        key = (name, repr(sorted((k, v) for k, v in ov.items() if k != "qbnorm")))
+        if key not in done:
+            done[key] = measure(label, name, {**ov, "epochs": epochs}, parts, seeds, caches[towers[label]])
+        r = done[key]
+        results[label] = {**r, "runs": r["runs_qb"]} if ov.get("qbnorm") else r
+    return results
 
 
 def hubness_offsets(model, train: list, emb) -> np.ndarray:
@@ -182,8 +204,7 @@ def main() -> None:
     for set_name, parts in load_sets(args.sets.split(","), args).items():
         timed = args.feature_time == "all" or (args.feature_time == "real" and set_name != "shapes")
         caches, feat_s = feature_caches(parts, set(towers.values()), tmp.name if timed else None, args.cache_dir)
-        results = {label: measure(label, name, {**ov, "epochs": args.epochs}, parts, seeds,
-                                  caches[towers[label]]) for label, name, ov in wanted}
+        results = measured(wanted, parts, seeds, caches, towers, args.epochs)
         rows += [row(set_name, label, r, feat_s[towers[label]]) for label, r in results.items()]
         if "seed" in results and "default" in results:
             gain = results["default"]["runs"][:, 1].mean() - results["seed"]["runs"][:, 1].mean()

@@ -152,7 +152,7 @@ def test_interrupted_ensemble_keeps_the_members_so_far(tmp_path, shapes_data, ti
 
 def test_cli_trains_an_ensemble_and_indexes_with_it(tmp_path, shapes_data, tiny_text_model, tiny_vision_model):
     """The command line: --ensemble 2 trains, writes one model, and an index built with it searches
-    (the ONNX encoders export and verify the ensemble's heads)."""
+    (the ONNX encoders export and verify the ensemble's heads, and the image encoder quantises to INT8)."""
     captions, root = shapes_data
     out = tmp_path / "m"
     cmd = [sys.executable, "-m", "dualsearch.cli", "train", "--captions", str(captions), "--images", str(root),
@@ -161,9 +161,16 @@ def test_cli_trains_an_ensemble_and_indexes_with_it(tmp_path, shapes_data, tiny_
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "trained 2 members, 4 epochs in all" in done.stdout
+    tuned = tmp_path / "ft"  # fine-tuning the ensemble trains its heads together, as one model
+    done = subprocess.run(cmd[:cmd.index("--out")] + ["--out", str(tuned), "--init", str(out), "--epochs", "1",
+                                                      "--batch-size", "32", "--workers", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained 1 epochs (" in done.stdout and DualEncoder.load(tuned).config.ensemble == 2
     index = tmp_path / "i"
     done = subprocess.run([sys.executable, "-m", "dualsearch.cli", "index", str(root), "--model", str(out),
-                           "--out", str(index), "--workers", "0"], capture_output=True, text=True)
+                           "--out", str(index), "--workers", "1", "--precision", "int8"],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     done = subprocess.run([sys.executable, "-m", "dualsearch.cli", "search", str(index), "a red circle", "-k", "3",
                            "--json"], capture_output=True, text=True)

@@ -135,7 +135,7 @@ def test_training_from_tfrecord_and_hf(tmp_path, fmt, tiny_text_model, tiny_visi
     out = tmp_path / "m"
     assert main(["-q", "train", "--captions", str(src), "--out", str(out), "--epochs", "2", "--batch-size", "16",
                  "--image-tower", f"hf:{tiny_vision_model}", "--text-tower", f"hf:{tiny_text_model}",
-                 "--cache-dir", str(tmp_path / "c")]) == 0
+                 "--cache-dir", str(tmp_path / "c"), "--ensemble", "1"]) == 0
     assert "trained 2 epochs" in capsys.readouterr().out
     assert main(["-q", "eval", "--model", str(out), "--captions", str(src), "--json",
                  "--cache-dir", str(tmp_path / "c")]) == 0

@@ -174,7 +174,10 @@ def test_recipes_seed_unchanged_default_prior_only_where_it_fits():
     other = recipe("default", image_tower="hf:some/vit", embed_dim=16)[0]
     assert (other.image_prior, other.embed_dim) == ("none", 16)
     assert recipe("default", text_tower="hf:some/bert")[0].image_prior == "none"
-    assert recipe("clip")[0] == replace(m, image_prior="none", embed_dim=256)
+    assert recipe("clip")[0] == replace(m, image_prior="none", embed_dim=256, ensemble=1)
+    assert (seed_m.ensemble, m.ensemble) == (1, 3)  # the default averages 3 heads per side
+    assert recipe("default", image_trainable="last:1")[0].ensemble == 1  # one model trains a tower
+    assert recipe("default", text_trainable="all", ensemble=2)[0].ensemble == 2  # asked for: check_ensemble refuses
 
 
 def test_conse_prior_model_saves_loads_and_trains_through_the_cache(tmp_path, shapes_data, tiny_text_model):

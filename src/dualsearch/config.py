@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     tower_lr: float = 1e-5
+    topic_batches: bool = False  # each batch from one k-means cluster of captions (mined hard negatives; TAS)
 
 
 def to_dict(obj: Any) -> dict:

@@ -24,7 +24,7 @@ ensemble_size = int_at_least(1, 16, name="ensemble_size")  # model.dual_encoder.
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
                    "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed",
-                   "pairs", "soft_targets", "hard_negatives", "ensemble")
+                   "pairs", "soft_targets", "hard_negatives", "ensemble", "topic_batches")
 
 
 def _train_val(args: argparse.Namespace, seed: int):
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.augment:
         overrides["augment"] = True
     mcfg, tcfg = recipe(args.recipe, **overrides)
-    check_ensemble(mcfg, fine_tuning=bool(args.init))
+    check_ensemble(mcfg, fine_tuning=bool(args.init) and args.ensemble is not None)  # --init: the recipe's is moot
     check_writable(args.out)
     if args.init:
         check_model(args.init)
@@ -64,11 +64,11 @@ def cmd_train(args: argparse.Namespace) -> None:
                  extra={"source": str(args.captions)})
     last = result.history[-1] if result.history else {}
     best = result.best_val_loss if result.best_val_loss is not None else float("nan")
-    runs = f"{mcfg.ensemble} members, {len(result.history)} epochs in all" if mcfg.ensemble > 1 else \
-        f"{len(result.history)} epochs"
+    members = len({h["member"] for h in result.history if "member" in h})  # an ensemble trained now
+    runs = f"{members} members, {len(result.history)} epochs in all" if members else f"{len(result.history)} epochs"
     print(f"trained {runs} ({len(train)} train / {len(val)} val images); "
           f"last train loss {last.get('train_loss', float('nan')):.4f}, best val loss {best:.4f}"
-          f"{' (mean of the members)' if mcfg.ensemble > 1 else ''}")
+          f"{' (mean of the members)' if members else ''}")
     print(f"model written to {result.folder}")
     print(f"loss curve: {result.folder}/loss.png")
 
@@ -144,6 +144,9 @@ def _train_parser(sub) -> None:
                    help="a batch holds: sample: each image once with a random caption; all: every (image, caption) "
                         "pair; grouped: each image with all its captions, as positives of one another "
                         "(multi-positive InfoNCE) (default: the recipe's)")
+    p.add_argument("--topic-batches", action="store_true", default=None,
+                   help="draw each batch from one k-means cluster of the captions, so that its images are hard "
+                        "negatives for one another (topic-aware sampling)")
     p.add_argument("--soft-targets", type=fraction, metavar="W",
                    help="clip loss: blend the reference's soft targets into the diagonal with weight W in [0, 1)")
     p.add_argument("--hard-negatives", type=non_negative_float, metavar="BETA",

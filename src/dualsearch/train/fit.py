@@ -45,7 +45,7 @@ from ..model.ensemble import head_outputs, merge
 from ..model.folder import write_query_bank
 from ..storage import atomic_path, write_text
 from .module import DualEncoderModule, EpochProgress, History, TrainingError
-from .pairs import MIN_TRAIN_IMAGES, Side, build_loaders
+from .pairs import MIN_TRAIN_IMAGES, Side, build_loaders, check_topic_batches
 from .recipes import RECIPES, check_ensemble, recipe  # noqa: F401 (the run's recipes, importable from here too)
 
 log = logging.getLogger(__name__)
@@ -225,11 +225,12 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
         accelerator: str = "auto", devices: int | str = "auto", num_workers: int | None = None,
         init_model: DualEncoder | None = None, progress: bool = True, extra: dict | None = None,
         cache_activations: bool = True) -> FitResult:
-    """Train a dual encoder (``init_model``, or a new one from ``mcfg``) on ``train``, early-stopped
-    on ``val`` (or on the training loss without it); restore the best epoch's weights and (if
-    ``out``) write its model folder. Frozen towers' features are cached under ``cache_dir``, and
-    so are a ``last:N`` tower's activations at its cut point (``cache_activations=False``: that
-    tower runs whole every step instead; see :func:`choose_sides`).
+    """Train a dual encoder (``init_model``, whose config is used and ``mcfg`` ignored, or a new one
+    from ``mcfg``; with ``mcfg.ensemble`` N > 1, N of them merged into one: :func:`_fit_ensemble`) on
+    ``train``, early-stopped on ``val`` (or on the training loss without it); restore the best
+    epoch's weights and (if ``out``) write its model folder. Frozen towers' features are cached
+    under ``cache_dir``, and so are a ``last:N`` tower's activations at its cut point
+    (``cache_activations=False``: that tower runs whole every step instead; see :func:`choose_sides`).
     Progress (features, then epochs) goes to stderr: bars on a terminal, else one line per step
     and per epoch; ``progress=False`` shows none.
 
@@ -242,8 +243,8 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
     _check_loss_options(init_model.config if init_model is not None else mcfg, tcfg)
-    check_ensemble(mcfg, init_model is not None)
     if init_model is None and mcfg.ensemble > 1:
+        check_ensemble(mcfg, fine_tuning=False)
         return _fit_ensemble(mcfg, tcfg, train, val, out, cache_dir if use_cache else None, extra,
                              {"use_cache": use_cache, "accelerator": accelerator, "devices": devices,
                               "num_workers": num_workers, "progress": progress, "cache_activations": cache_activations})
@@ -253,6 +254,7 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
         model = DualEncoder(mcfg, fill_prior=False)
         fill_image_prior(model, cache_dir if use_cache else None)
     sides = choose_sides(model, tcfg, use_cache, cache_activations)
+    check_topic_batches(tcfg, sides)
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     train_dl, val_dl = build_loaders(model, tcfg, train, val, sides, cache_dir if use_cache else None,
                                      "cuda" if on_gpu else "cpu", num_workers, progress)
@@ -311,7 +313,7 @@ def _fit_ensemble(mcfg: ModelConfig, tcfg: TrainConfig, train: list[ImageCaption
             partial = getattr(e, "result", None) is not None
             if partial:
                 members.append(e.result.model)
-                history += [{"member": i + 1, **h} for h in e.result.history]
+                history += [{**h, "member": i + 1} for h in e.result.history]
             if not members:
                 raise
             model = _merged(members, train, cache_dir)
@@ -323,7 +325,7 @@ def _fit_ensemble(mcfg: ModelConfig, tcfg: TrainConfig, train: list[ImageCaption
             error.result = FitResult(model, folder, history, None)
             raise error from e
         members.append(res.model)
-        history += [{"member": i + 1, **h} for h in res.history]
+        history += [{**h, "member": i + 1} for h in res.history]
         best.append(res.best_val_loss)
     model = _merged(members, train, cache_dir)
     folder = save_run(model, out, tcfg, train, val, history, extra) if out is not None else None
@@ -395,13 +397,16 @@ def write_history(history: list[dict], folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for member in dict.fromkeys(r.get("member") for r in history):  # an ensemble: one pair of lines per member
+    members = list(dict.fromkeys(r.get("member") for r in history))  # an ensemble: a colour per member
+    for n, member in enumerate(members):
         rows = [r for r in history if r.get("member") == member]
         name = f"member {member} " if member is not None else ""
         epochs = [r["epoch"] for r in rows]
-        ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", label=f"{name}train")
+        colours = (f"C{n}", f"C{n}") if len(members) > 1 else ("C0", "C1")
+        ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", color=colours[0], label=f"{name}train")
         if any(np.isfinite(r["val_loss"]) for r in rows):
-            ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", label=f"{name}valid")
+            ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", color=colours[1], label=f"{name}valid",
+                    linestyle="--" if len(members) > 1 else "-")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

@@ -17,6 +17,7 @@ from ..data.records import ImageCaption
 from ..encode.activations import image_activations, text_activations
 from ..encode.features import flatten_captions, tower_features
 from ..encode.loader import default_workers
+from ..errors import UsageError
 
 MIN_TRAIN_IMAGES = 2  # a contrastive batch needs a negative
 
@@ -135,6 +136,56 @@ class PairCollate:
         return torch.nn.utils.rnn.pad_sequence(texts, batch_first=True), mask
 
 
+class TopicBatches(torch.utils.data.Sampler):
+    """Batches of items that share a topic: each epoch, the items of each topic in a random order,
+    the topics in a random order, cut into batches of ``batch_size`` (the last one dropped when
+    ``drop_last``), the batches shuffled. A batch then holds the images whose captions are closest
+    to one another, the hardest negatives there are for one another, and costs nothing per step:
+    Topic-Aware Sampling (TAS; Hofstätter et al., "Efficiently Teaching an Effective Dense Retriever
+    with Balanced Topic Aware Sampling", SIGIR 2021), with captions as the queries.
+
+    ``topics [N]``: each dataset item's topic (:func:`caption_topics`); ``seed``: the random order."""
+
+    def __init__(self, topics: np.ndarray, batch_size: int, drop_last: bool, seed: int):
+        super().__init__()
+        self.topics, self.batch_size, self.drop_last = np.asarray(topics), int(batch_size), drop_last
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        n = len(self.topics)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = [self.rng.permutation(np.flatnonzero(self.topics == t)) for t in self.rng.permutation(
+            np.unique(self.topics))]
+        items = np.concatenate(order)
+        batches = [items[s:s + self.batch_size] for s in range(0, len(items), self.batch_size)]
+        if self.drop_last and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        for b in self.rng.permutation(len(batches)):
+            yield batches[b].tolist()
+
+
+def caption_topics(text_feats: np.ndarray, owner: np.ndarray, n_images: int, clusters: int,
+                   seed: int) -> np.ndarray:
+    """Each image's topic ``[n_images]``, one of ``clusters``: spherical k-means (FAISS) over the
+    images' mean unit caption features (``text_feats [M, E]``, ``owner [M]``: the image of each
+    caption)."""
+    import faiss
+
+    feats = text_feats.astype(np.float32)
+    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    mean = np.zeros((n_images, feats.shape[1]), np.float32)
+    np.add.at(mean, owner, feats)
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    k = min(max(1, clusters), n_images)
+    if k == 1:
+        return np.zeros(n_images, np.int64)
+    km = faiss.Kmeans(mean.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
+    km.train(mean)
+    return km.index.search(mean, 1)[1][:, 0].astype(np.int64)
+
+
 def _side_inputs(model, sides: tuple[Side, Side], records, cache_root, device: str, num_workers, progress: bool):
     """(records kept, image side's cached array or None, text side's or None): the image side first
     (images that fail to decode are left out), then the captions of the records kept."""
@@ -154,6 +205,24 @@ def _side_inputs(model, sides: tuple[Side, Side], records, cache_root, device: s
         txt = text_activations(model.text_tower, text.cut, flatten_captions(records)[0], cache_root, device,
                                show_progress=progress)
     return records, img, txt
+
+
+def check_topic_batches(tcfg: TrainConfig, sides: tuple[Side, Side]) -> None:
+    """Topic batches cluster the captions' cached tower features: raises
+    :class:`~dualsearch.errors.UsageError` when the text side is not ``features``."""
+    if tcfg.topic_batches and sides[1].kind != "features":
+        raise UsageError("--topic-batches clusters the captions' cached tower features: it needs a frozen text "
+                         "tower and the feature cache")
+
+
+def topics_of(ds: Pairs, tcfg: TrainConfig) -> np.ndarray:
+    """Each item's topic ``[len(ds)]`` for :class:`TopicBatches`, from the cached caption features
+    (:func:`caption_topics`, one topic per batch of items, so that a topic fills about one batch; an
+    item of ``pairs="all"`` is a caption: its image's topic); the text side must be ``features``
+    (:func:`check_topic_batches`)."""
+    clusters = round(len(ds) / tcfg.batch_size)
+    topics = caption_topics(ds.txt.numpy(), ds.owner, len(ds.records), clusters, tcfg.seed)
+    return topics[ds.owner] if ds.pairs == "all" else topics
 
 
 def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
@@ -181,7 +250,13 @@ def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
     # does, so both paths see the same batches in every epoch
     kw = {"num_workers": workers, "collate_fn": PairCollate(model.text_tower.tokenize)}
     g = torch.Generator().manual_seed(tcfg.seed)
-    train_dl = DataLoader(train_ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=len(train_ds) > tcfg.batch_size,
-                          generator=g, **kw)
+    drop_last = len(train_ds) > tcfg.batch_size
+    if tcfg.topic_batches:
+        topics = topics_of(train_ds, tcfg)
+        train_dl = DataLoader(train_ds, batch_sampler=TopicBatches(topics, tcfg.batch_size, drop_last, tcfg.seed),
+                              generator=g, **kw)
+    else:
+        train_dl = DataLoader(train_ds, batch_size=tcfg.batch_size, shuffle=True, drop_last=drop_last, generator=g,
+                              **kw)
     val_dl = DataLoader(val_ds, batch_size=tcfg.batch_size, shuffle=False, **kw) if val_ds is not None else None
     return train_dl, val_dl

@@ -29,7 +29,10 @@ RECIPES: dict[str, tuple[ModelConfig, TrainConfig]] = {
 # "clip" plus the ConSE prior (the image tower's ImageNet top-20 classes as text features), as an
 # input of the image head and as a zero-shot similarity added with weight 0.5 (the embeddings keep
 # MiniLM's 384 dimensions beside the heads' 256).
-RECIPES["default"] = (replace(RECIPES["clip"][0], image_prior="conse:20:0.5", embed_dim=256 + MINILM_DIM),
+# An ensemble of 3 heads per side (seeds s, s + 1000, s + 2000), aligned and averaged (model/ensemble.py):
+# 3x the training, the same embedding.
+RECIPES["default"] = (replace(RECIPES["clip"][0], image_prior="conse:20:0.5", embed_dim=256 + MINILM_DIM,
+                              ensemble=3),
                       replace(RECIPES["clip"][1], recipe="default"))
 
 
@@ -49,14 +52,19 @@ def _prior_fits(mcfg: ModelConfig, overrides: dict) -> ModelConfig:
 
 def recipe(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
     """A recipe's configs, with ``overrides`` (None values ignored) applied to whichever config has
-    that field (an image prior is dropped with towers it does not fit: :func:`_prior_fits`).
+    that field (an image prior is dropped with towers it does not fit: :func:`_prior_fits`; the
+    recipe's ensemble, unless asked for, with a trainable tower: :func:`check_ensemble`).
     Raises :class:`~dualsearch.errors.ConfigError` for an unknown name."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
     mcfg, tcfg = RECIPES[name]
     mf = {k: v for k, v in overrides.items() if v is not None and hasattr(mcfg, k)}
     tf = {k: v for k, v in overrides.items() if v is not None and hasattr(tcfg, k)}
-    return _prior_fits(replace(mcfg, **mf), mf), replace(tcfg, **tf)
+    mcfg = _prior_fits(replace(mcfg, **mf), mf)
+    trains_a_tower = mcfg.image_trainable != "frozen" or mcfg.text_trainable != "frozen"
+    if trains_a_tower and "ensemble" not in mf:
+        mcfg = replace(mcfg, ensemble=1)  # a recipe's ensemble shares frozen towers: one model trains a tower
+    return mcfg, replace(tcfg, **tf)
 
 
 def check_ensemble(mcfg: ModelConfig, fine_tuning: bool) -> None:

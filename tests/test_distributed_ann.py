@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from dualsearch.index import ann, distributed
+from dualsearch.index import ann, distributed, qbnorm
 from dualsearch.index import spark as sp
 from dualsearch.index.catalog import Catalog
 from dualsearch.index.plan import SHARD_PREFIX, Part
@@ -119,8 +119,14 @@ def test_index_command_builds_the_ivfpq_index_on_spark(tmp_path, tiny_model, spa
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["ann"]["kind"] == "ivfpq" and manifest["ann"]["params"]["ondisk"]
     assert len(list(out.glob("vectors.faiss.*.ivfdata"))) == 1
+    # the add tasks computed every QB-Norm offset, as the driver would have
+    assert manifest["qbnorm"]["by_tasks"] == manifest["qbnorm"]["computed"] == 2100
     searcher = Searcher.open(out)
     try:
+        texts, beta = qbnorm.model_bank(tiny_model)
+        ids, vecs = searcher.catalog.vectors(searcher.dim)
+        expect = qbnorm.offsets(np.stack([searcher.text_vector(t) for t in texts]), vecs, beta)
+        np.testing.assert_allclose(searcher.qbnorm.of(ids), expect, atol=1e-5)
         page = searcher.search_page("a red circle", k=5)
         assert len(page.results) == 5 and all(r.path.endswith(".png") for r in page.results)
         own = searcher.id_vector(page.results[0].id)

@@ -377,8 +377,14 @@ picks = [(0, [("part-x.parquet", np.array([0, 2]))])]
 assert list(distributed._sample_task(iter(picks), out, out, dim)) == [(0, 2)]
 group = distributed.Group(0)
 group.shards.append(("part-x.parquet", np.arange(3), np.arange(3), np.array([7, 8, 9])))
-(res,) = distributed._add_task(iter([group]), out, out, dim, ondisk.faiss.serialize_index(trained), sample[:4], 2)
+bank = sample[:5] / np.linalg.norm(sample[:5], axis=1, keepdims=True)
+(res,) = distributed._add_task(iter([group]), out, out, dim, ondisk.faiss.serialize_index(trained), sample[:4], 2,
+                               (bank, 20.0))
 assert res[1] == 3 and set(np.frombuffer(res[4], np.int64)) <= {{7, 8, 9}}, res
+from dualsearch.index import qbnorm
+vecs = np.stack(table.column("embedding").to_pylist()[:3]).astype(np.float32)
+assert np.frombuffer(res[7], np.int64).tolist() == [7, 8, 9]
+np.testing.assert_allclose(np.frombuffer(res[8], np.float32), qbnorm.offsets(bank, vecs, 20.0), atol=1e-6)
 print("ok", sorted(m for m in sys.modules if m.split(".")[0] in {blocked!r}))
 """
     (tmp_path / "out").mkdir()

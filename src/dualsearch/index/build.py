@@ -296,12 +296,13 @@ def ensure_text_encoder(out: Path, job: IndexJob) -> None:
     install_text_encoder(cached, folder)
 
 
-def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "ann.BuiltIndex | None"] | None = None
+def finish(job: IndexJob, report: IndexReport, builder: Callable[..., "ann.BuiltIndex | None"] | None = None
            ) -> None:
     """The epilogue: skips and timing into ``report``, the ONNX text encoder, and the ANN index
     and manifest (re)built when the catalog changed since they were last built. ``builder(n,
-    kind)``: builds and writes the ANN index of kind ``kind`` into ``job.out`` another way (the
-    Spark path's distributed build), or returns None to leave it to :func:`ann.build_stream`."""
+    kind, bank)``: builds and writes the ANN index of kind ``kind`` into ``job.out`` another way
+    (the Spark path's distributed build, whose tasks also compute the QB-Norm offsets against
+    ``bank()``, :class:`.qbnorm.Bank` or None), or returns None to leave it to :func:`ann.build_stream`."""
     report.skipped = [(s.path, s.reason) for s in job.catalog.skipped()]
     report.seconds = time.perf_counter() - job.t0
     out, catalog, dim = job.out, job.catalog, job.dim
@@ -328,13 +329,15 @@ def finish(job: IndexJob, report: IndexReport, builder: Callable[[int, str], "an
         return
     n = catalog.count()
     kind = ann.choose_kind(n, dim, job.memory_budget) if job.kind == "auto" else job.kind
-    built = (builder(n, kind) if builder is not None else None) or one_node_ann(job, n, kind)
+    built = (builder(n, kind, functools.partial(_embedded_bank, job)) if builder is not None else None) \
+        or one_node_ann(job, n, kind)
     write_manifest(out, {
         "format_version": MANIFEST_VERSION, "model": {"path": job.model_path, "hash": job.model_hash},
         "dim": dim, "metric": "inner_product", "count": n, "generation": catalog.generation,
         "images_root": catalog.get_meta("images_root"),
         "ann": {"kind": built.kind, "params": built.params, "tuned_recall_at_10": round(built.recall, 4)},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_calibration(job, built.index), **_hubness(job),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_calibration(job, built.index),
+        **_hubness(job, built.stats.get("qbnorm")),
     })
     report.kind, report.count = built.kind, n
 
@@ -377,15 +380,23 @@ def _query_encoder(job: IndexJob) -> Callable[[Sequence[str]], np.ndarray]:
     return encoder.embed if encoder is not None else job.model.embed_texts
 
 
-def _hubness(job: IndexJob) -> dict:
+def _hubness(job: IndexJob, known: "qbnorm.KnownOffsets | None" = None) -> dict:
     """The manifest's ``qbnorm`` entry (:func:`.qbnorm.update`: per-image offsets against the
-    model's query bank), None when the model has no bank or the index is empty."""
+    model's query bank; ``known``: the ones the distributed build's tasks computed), None when
+    the model has no bank or the index is empty."""
     bank = qbnorm.bank_for(job.model_path)
     if bank is None or not job.catalog.count():
         for stale in (qbnorm.STATS_FILE, qbnorm.BANK_FILE):
             (job.out / stale).unlink(missing_ok=True)
         return {"qbnorm": None}
-    return {"qbnorm": qbnorm.update(job.out, job.catalog, job.dim, bank[0], bank[1], _query_encoder(job))}
+    return {"qbnorm": qbnorm.update(job.out, job.catalog, job.dim, bank[0], bank[1], _query_encoder(job), known)}
+
+
+def _embedded_bank(job: IndexJob) -> "qbnorm.Bank | None":
+    """The model's query bank embedded as queries are (:func:`.qbnorm.embedded_bank`), for the
+    distributed build's tasks; None when the model has none (a warning for a damaged one)."""
+    bank = qbnorm.bank_for(job.model_path)
+    return qbnorm.embedded_bank(job.out, bank[0], bank[1], _query_encoder(job)) if bank is not None else None
 
 
 def relocate(out: str | os.PathLike, old: str, new: str) -> int:

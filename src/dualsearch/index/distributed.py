@@ -25,11 +25,12 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import ann
+from .qbnorm import Bank, KnownOffsets
 from .shards import read_embeddings
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,19 @@ def _sample_task(items: Iterator, shards_uri: str, work: str, dim: int) -> Itera
         yield number, len(vecs)
 
 
-def _add_task(items: Iterator, shards_uri: str, work: str, dim: int, trained, queries, k: int) -> Iterator:
+def _add_task(items: Iterator, shards_uri: str, work: str, dim: int, trained, queries, k: int,
+              bank=None) -> Iterator:
     """Job 2, per group: add its vectors to a copy of the trained index and write it; the exact
-    top ``k`` of the tuning queries among them."""
+    top ``k`` of the tuning queries among them; with ``bank`` (query bank vectors ``[B, D]``,
+    beta), the vectors' QB-Norm offsets (:func:`.qbnorm.offsets`)."""
     import faiss
 
     from .ondisk import add_shard
+    from .qbnorm import offsets
     from .spark import peak_rss_mb
 
     trained, queries = getattr(trained, "value", trained), getattr(queries, "value", queries)  # Spark broadcasts
+    bank = getattr(bank, "value", bank)
     for group in items:
         vecs = [read_embeddings(shards_uri, name, dim)[rows] for name, rows, _, _ in group.shards]
         vectors = np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32)
@@ -101,8 +106,10 @@ def _add_task(items: Iterator, shards_uri: str, work: str, dim: int, trained, qu
         add_shard(trained, vectors, positions, os.path.join(work, f"group-{group.number:05d}"))
         scores, at = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
         ids = np.concatenate([s[3] for s in group.shards])
+        hub = offsets(bank[0], vectors, bank[1]).tobytes() if bank is not None else b""
         yield (group.number, len(vectors), time.perf_counter() - t0, scores.tobytes(),
-               np.where(at >= 0, ids[np.clip(at, 0, None)], -1).tobytes(), scores.shape[1], peak_rss_mb())
+               np.where(at >= 0, ids[np.clip(at, 0, None)], -1).tobytes(), scores.shape[1], peak_rss_mb(),
+               ids.tobytes(), hub)
 
 
 # ---------------------------------------------------------------------------------- driver side
@@ -134,7 +141,7 @@ def _merge_truth(results: Sequence[tuple], n_queries: int, k: int) -> np.ndarray
     import faiss
 
     heap = faiss.ResultHeap(n_queries, k, keep_max=True)
-    for _, _, _, scores, ids, got, _ in results:
+    for _, _, _, scores, ids, got, *_ in results:
         heap.add_result(np.frombuffer(scores, np.float32).reshape(n_queries, got),
                         np.frombuffer(ids, np.int64).reshape(n_queries, got))
     heap.finalize()
@@ -142,11 +149,15 @@ def _merge_truth(results: Sequence[tuple], n_queries: int, k: int) -> np.ndarray
 
 
 def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_bytes: int = 32,
-          refine: str = "SQ8", task_rows: int = TASK_ROWS, seed: int = 0) -> ann.BuiltIndex:
+          refine: str = "SQ8", task_rows: int = TASK_ROWS, seed: int = 0, bank: "Bank | None" = None
+          ) -> ann.BuiltIndex:
     """Build the on-disk IVF-PQ index of ``catalog``'s shard-referenced vectors on Spark, into
-    ``out`` (:func:`.ondisk.merge`'s files), tuned to ``target_recall`` recall@10. Returns
-    ``ann.BuiltIndex`` (``params`` as :func:`.ondisk.build_local` gives them; ``seconds``: sample /
-    train / add / merge / tune). Raises ``SparkIndexError`` for a failed job, ``ann.ANNError``."""
+    ``out`` (:func:`.ondisk.merge`'s files), tuned to ``target_recall`` recall@10. With ``bank``
+    (:class:`.qbnorm.Bank`), the add tasks also compute every vector's QB-Norm offset, so that the
+    driver never scores the collection against the bank. Returns ``ann.BuiltIndex`` (``params`` as
+    :func:`.ondisk.build_local` gives them; ``seconds``: sample / train / add / merge / tune;
+    ``stats["qbnorm"]``: the tasks' :class:`.qbnorm.KnownOffsets`, with ``bank``). Raises
+    ``SparkIndexError`` for a failed job, ``ann.ANNError``."""
     from . import ondisk
     from .shards import absolute
 
@@ -170,7 +181,9 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
         import faiss
 
         blob, qs = sc.broadcast(faiss.serialize_index(trained)), sc.broadcast(queries)
-        body = functools.partial(_add_task, shards_uri=shards_uri, work=work, dim=dim, trained=blob, queries=qs, k=10)
+        hub = sc.broadcast((bank.vectors, bank.beta)) if bank is not None else None
+        body = functools.partial(_add_task, shards_uri=shards_uri, work=work, dim=dim, trained=blob, queries=qs, k=10,
+                                 bank=hub)
         results = _run(lambda: sc.parallelize(groups, len(groups)).mapPartitions(body).collect(), shards_uri)
         blob.unpersist()
         seconds["add"], t = time.perf_counter() - t, time.perf_counter()
@@ -186,15 +199,21 @@ def build(spark, catalog, dim: int, out: Path, target_recall: float = 0.95, pq_b
     params, recall = ann.tune(index, "ivfpq", queries, _merge_truth(results, len(queries), 10), target_recall)
     seconds["tune"] = time.perf_counter() - t
     params = {**params, "refine": refine, "pq_bytes": pq_bytes, "ondisk": True, "file": path.name}
-    return ann.BuiltIndex(index, "ivfpq", params, recall, seconds, {"task_peak_mb": task_peak, "tasks": len(results)})
+    stats = {"task_peak_mb": task_peak, "tasks": len(results)}
+    if bank is not None:
+        stats["qbnorm"] = KnownOffsets(bank, np.concatenate([np.frombuffer(r[7], np.int64) for r in results]),
+                                       np.concatenate([np.frombuffer(r[8], np.float32) for r in results]))
+    return ann.BuiltIndex(index, "ivfpq", params, recall, seconds, stats)
 
 
 # ------------------------------------------------------------------------------- the index job
-def distributed_ann(job, n: int, kind: str, master: str | None = None, spark=None):
+def distributed_ann(job, n: int, kind: str, bank: Callable[[], "Bank | None"] | None = None,
+                    master: str | None = None, spark=None):
     """The Spark path's IVF-PQ index, built on the cluster from the shards (:mod:`.distributed`)
-    into ``job.out``; None (the driver builds it from the catalog, :func:`ann.build_stream`) for
-    other kinds, a collection too small for IVF-PQ, vectors the catalog stores itself, or shards
-    under a URI (the tasks write their parts to a shared file system)."""
+    into ``job.out``, the QB-Norm offsets against ``bank()`` computed by its tasks; None (the
+    driver builds it from the catalog, :func:`ann.build_stream`) for other kinds, a collection too
+    small for IVF-PQ, vectors the catalog stores itself, or shards under a URI (the tasks write
+    their parts to a shared file system)."""
     from . import ondisk
     from .spark import spark_session
 
@@ -208,7 +227,8 @@ def distributed_ann(job, n: int, kind: str, master: str | None = None, spark=Non
                      else f"the tasks cannot write their parts under {uri}")
         return None
     session = spark or spark_session(master)
-    built = build(session, job.catalog, job.dim, job.out, pq_bytes=pq_bytes_for(job.dim))
+    built = build(session, job.catalog, job.dim, job.out, pq_bytes=pq_bytes_for(job.dim),
+                  bank=bank() if bank is not None else None)
     log.info("IVF-PQ index built on Spark: %s; recall@10 %.3f", ", ".join(f"{k} {v:.1f} s" for k, v in
                                                                         built.seconds.items()), built.recall)
     return built

@@ -164,17 +164,48 @@ def _new_offsets(catalog: Catalog, dim: int, bank: np.ndarray, beta: float, ids:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def update(folder: Path, catalog: Catalog, dim: int, texts: Sequence[str], beta: float,
-           embed_texts: Callable[[Sequence[str]], np.ndarray]) -> dict:
-    """Bring the index's hubness statistics up to date with the catalog's indexed rows: offsets
-    for rows added since the last run (all rows when the bank or beta changed), rows gone
-    cleared. ``embed_texts`` maps texts to unit vectors ``[n, D]`` (the index's query encoder).
-    Writes :data:`STATS_FILE` (offsets by vector id) and :data:`BANK_FILE` (bank vectors, beta,
-    digest). -> the manifest's ``qbnorm`` entry (``method``, ``beta``, ``bank``, ``computed``:
-    rows scored now)."""
+@dataclass
+class Bank:
+    """A query bank as the offsets are computed with it: unit vectors ``[B, D]`` float32, beta, and
+    the digest of its captions and beta."""
+    vectors: np.ndarray
+    beta: float
+    digest: str
+
+
+@dataclass
+class KnownOffsets:
+    """Offsets computed elsewhere (the Spark path's add tasks, :func:`.distributed.build`):
+    ``offsets [n]`` of vector ``ids [n]`` against ``bank``."""
+    bank: Bank
+    ids: np.ndarray
+    offsets: np.ndarray
+
+
+def embedded_bank(folder: Path, texts: Sequence[str], beta: float,
+                  embed_texts: Callable[[Sequence[str]], np.ndarray]) -> Bank:
+    """The bank's vectors: kept from the index's last run with the same captions and beta, else
+    embedded now with ``embed_texts`` (texts -> unit vectors ``[n, D]``)."""
     digest = _bank_digest(texts, beta)
     kept = _stored(folder, digest)
-    bank = kept[0] if kept is not None else np.asarray(embed_texts(list(texts)), np.float32)
+    vectors = kept[0] if kept is not None else np.asarray(embed_texts(list(texts)), np.float32)
+    return Bank(vectors, beta, digest)
+
+
+def update(folder: Path, catalog: Catalog, dim: int, texts: Sequence[str], beta: float,
+           embed_texts: Callable[[Sequence[str]], np.ndarray], known: KnownOffsets | None = None) -> dict:
+    """Bring the index's hubness statistics up to date with the catalog's indexed rows: offsets
+    for rows added since the last run (all rows when the bank or beta changed), rows gone
+    cleared. ``embed_texts`` maps texts to unit vectors ``[n, D]`` (the index's query encoder);
+    ``known``: offsets already computed with this bank (others are ignored), used for the rows
+    they cover. Writes :data:`STATS_FILE` (offsets by vector id) and :data:`BANK_FILE` (bank
+    vectors, beta, digest). -> the manifest's ``qbnorm`` entry (``method``, ``beta``, ``bank``,
+    ``computed``: rows scored now, by this process or, ``by_tasks``, the ones ``known`` gave)."""
+    digest = _bank_digest(texts, beta)
+    kept = _stored(folder, digest)
+    known = known if known is not None and known.bank.digest == digest else None
+    bank = kept[0] if kept is not None else known.bank.vectors if known is not None else \
+        np.asarray(embed_texts(list(texts)), np.float32)
     old = kept[1] if kept is not None else np.zeros(0, np.float32)
     ids = catalog.filter_ids(PhotoFilter())
     size = int(ids.max()) + 1 if len(ids) else 0
@@ -182,6 +213,11 @@ def update(folder: Path, catalog: Catalog, dim: int, texts: Sequence[str], beta:
     had = ids[ids < len(old)]
     table[had] = old[had]
     todo = ids[np.isnan(table[ids])]
+    by_tasks = 0
+    if known is not None:
+        hit = np.isin(known.ids, todo)
+        table[known.ids[hit]] = known.offsets[hit]
+        by_tasks, todo = int(hit.sum()), ids[np.isnan(table[ids])]
     new_ids, new_off = _new_offsets(catalog, dim, bank, beta, todo, every=len(todo) == len(ids))
     table[new_ids] = new_off
     with atomic_path(folder / STATS_FILE) as tmp:
@@ -193,7 +229,8 @@ def update(folder: Path, catalog: Catalog, dim: int, texts: Sequence[str], beta:
                 np.savez(f, bank=bank, beta=np.float64(beta), digest=np.array(digest))
     fill = float(np.nanmedian(table)) if len(ids) else 0.0
     return {"method": "QB-Norm, inverted softmax over the model's query bank", "beta": round(beta, 4),
-            "bank": len(texts), "computed": int(len(new_ids)), "fill": round(fill, 6)}
+            "bank": len(texts), "computed": int(len(new_ids)) + by_tasks, "by_tasks": by_tasks,
+            "fill": round(fill, 6)}
 
 
 def load(folder: Path, manifest: dict) -> QBNorm | None:

@@ -4,9 +4,10 @@ one model whose heads average the members' aligned outputs (:class:`~.heads.Ense
 Members trained from different random initialisations agree on which images and captions are
 close, but each expresses it in its own coordinates: their spaces differ by (nearly) an orthogonal
 map. :func:`procrustes` finds that map from the members' outputs on the training pairs, and
-:func:`merge` averages the rotated outputs. Measured in ``bench/quality.py`` (README, "Choosing
-the default recipe"): the aligned average matches concatenating the members' embeddings (the
-exact average of their similarities) while keeping one member's dimension.
+:func:`merge` averages the rotated outputs. In a probe (BENCHMARKS.md, "Ensemble of heads") the
+aligned average matched concatenating the members' embeddings (the exact average of their
+similarities) while keeping one member's dimension; ``bench/quality.py`` measures the default's
+3 heads against one.
 """
 from __future__ import annotations
 

@@ -403,9 +403,10 @@ def write_history(history: list[dict], folder: Path) -> None:
         name = f"member {member} " if member is not None else ""
         epochs = [r["epoch"] for r in rows]
         colours = (f"C{n}", f"C{n}") if len(members) > 1 else ("C0", "C1")
-        ax.plot(epochs, [r["train_loss"] for r in rows], marker="o", color=colours[0], label=f"{name}train")
+        marker = "o" if len(rows) <= 30 else None  # dots for each epoch only while they stay apart
+        ax.plot(epochs, [r["train_loss"] for r in rows], marker=marker, color=colours[0], label=f"{name}train")
         if any(np.isfinite(r["val_loss"]) for r in rows):
-            ax.plot(epochs, [r["val_loss"] for r in rows], marker="o", color=colours[1], label=f"{name}valid",
+            ax.plot(epochs, [r["val_loss"] for r in rows], marker=marker, color=colours[1], label=f"{name}valid",
                     linestyle="--" if len(members) > 1 else "-")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

@@ -111,8 +111,6 @@ def test_ensemble_refuses_what_it_cannot_train(tmp_path, shapes_data, tiny_model
     with pytest.raises(UsageError, match="frozen towers"):
         fit(replace(tiny_model_config, ensemble=2, text_trainable="last:1"), TrainConfig(epochs=1),
             parts["train"], [], None, progress=False)
-    with pytest.raises(ModelError, match="1 to 16 projection heads"):
-        DualEncoder(replace(tiny_model_config, ensemble=17))
     captions, root = shapes_data
     base = ["train", "--captions", str(captions), "--images", str(root), "--out", str(tmp_path / "m")]
     with pytest.raises(SystemExit) as e:
@@ -141,13 +139,53 @@ def test_interrupted_ensemble_keeps_the_members_so_far(tmp_path, shapes_data, ti
 
     monkeypatch.setattr(fit_module, "_train", second_member_stops)
     parts = _parts(shapes_data)
-    with pytest.raises(Interrupted, match="stopped in ensemble member 2 of 3; the 2 member\\(s\\) trained so far "
+    with pytest.raises(Interrupted, match="stopped in ensemble member 2 of 3; the 2 members trained so far "
                                           "\\(the last at its best epoch\\) were merged and written to") as e:
         fit(replace(tiny_model_config, ensemble=3), TrainConfig(epochs=1, batch_size=32), parts["train"],
             parts["val"], tmp_path / "m", cache_dir=tmp_path / "c", progress=False)
     assert calls["n"] == 2
     loaded = DualEncoder.load(tmp_path / "m")
     assert loaded.config.ensemble == 2 and e.value.result.model.config.ensemble == 2
+
+
+def test_ctrl_c_before_a_member_trains_or_while_merging_keeps_trained_members(tmp_path, shapes_data,
+                                                                               tiny_model_config, monkeypatch):
+    """A Ctrl-C that reaches the ensemble outside Lightning (member 2 still reading its features, or
+    the final merge) writes what was trained, in one line, instead of losing it."""
+    import dualsearch.train.fit as fit_module
+
+    parts, calls = _parts(shapes_data), {"n": 0}
+    real = fit_module.build_loaders
+
+    def second_member_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "build_loaders", second_member_ctrl_c)
+    cfg, tcfg = replace(tiny_model_config, ensemble=3), TrainConfig(epochs=1, batch_size=32)
+    with pytest.raises(Interrupted, match="^stopped in ensemble member 2 of 3; the member trained so far was "
+                                          "written to"):
+        fit(cfg, tcfg, parts["train"], parts["val"], tmp_path / "a", cache_dir=tmp_path / "c", progress=False)
+    assert DualEncoder.load(tmp_path / "a").config.ensemble == 1
+
+    monkeypatch.setattr(fit_module, "build_loaders", real)
+    monkeypatch.setattr(fit_module, "_merged", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(Interrupted, match="^stopped while merging the 3 members; member 1 alone of the 3 trained "
+                                          "\\(merging was stopped\\) was written to"):
+        fit(cfg, tcfg, parts["train"], parts["val"], tmp_path / "b", cache_dir=tmp_path / "c", progress=False)
+    assert DualEncoder.load(tmp_path / "b").config.ensemble == 1
+
+
+@pytest.mark.parametrize("size", [2.0, "2", True, 0, 17])
+def test_ensemble_size_is_a_whole_number_in_range(size, shapes_data, tiny_model_config):
+    parts = _parts(shapes_data)
+    with pytest.raises(UsageError, match="--ensemble must be a whole number from 1 to 16, got"):
+        fit(replace(tiny_model_config, ensemble=size), TrainConfig(epochs=1), parts["train"], [], None,
+            progress=False)
+    with pytest.raises(ModelError, match="ensemble must be a whole number of heads per side from 1 to 16"):
+        DualEncoder(replace(tiny_model_config, ensemble=size))
 
 
 def test_cli_trains_an_ensemble_and_indexes_with_it(tmp_path, shapes_data, tiny_text_model, tiny_vision_model):

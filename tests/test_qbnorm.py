@@ -92,6 +92,10 @@ def test_index_stores_offsets_and_text_search_ranks_with_them(tmp_path, collecti
             assert [h["id"] for h in got["results"]] == expect.tolist()
         got = c.post("/api/search", json={"q": "two red triangles", "k": 10, "qbnorm": False}).json()
         assert [h["id"] for h in got["results"]] == cosine_first.tolist()
+        paths = c.get("/openapi.json").json()["paths"]  # a switch only where a text query is ranked
+        assert "qbnorm" in {p["name"] for p in paths["/api/search"]["get"]["parameters"]}
+        for route, method in (("/api/similar/{image_id}", "get"), ("/api/search/image", "post")):
+            assert "qbnorm" not in {p["name"] for p in paths[route][method]["parameters"]}
 
 
 def test_offsets_follow_the_catalog_incrementally(tmp_path, collection, tiny_model):

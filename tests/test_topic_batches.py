@@ -59,3 +59,17 @@ def test_training_with_topic_batches(tmp_path, shapes_data, tiny_model_config):
     with pytest.raises(UsageError, match="--topic-batches clusters the captions' cached tower features"):
         fit(tiny_model_config, tcfg, ds.records[:64], [], None, cache_dir=None, use_cache=False, progress=False,
             num_workers=0)
+
+
+def test_one_topic_is_said_and_a_run_without_validation_reports_its_train_loss(tmp_path, shapes_data, tiny_text_model,
+                                                                              tiny_vision_model, capsys, caplog):
+    from dualsearch.cli import main
+
+    captions, root = shapes_data
+    assert main(["train", "--captions", str(captions), "--images", str(root), "--out", str(tmp_path / "m"),
+                 "--image-tower", f"hf:{tiny_vision_model}", "--text-tower", f"hf:{tiny_text_model}",
+                 "--embed-dim", "16", "--epochs", "1", "--batch-size", "256", "--val-fraction", "0",
+                 "--ensemble", "1", "--topic-batches", "--cache-dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "(120 train / 0 val images)" in out and "best train loss" in out and "val loss" not in out
+    assert "--topic-batches: 120 training items fill about one batch of 256, so there is one topic" in caplog.text

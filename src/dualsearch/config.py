@@ -27,12 +27,15 @@ class ModelConfig:
     text_trainable: str = "frozen"
     soft_targets: float = 0.0  # clip loss: weight of the reference's soft targets blended into the diagonal
     hard_negatives: float = 0.0  # clip loss: HN-NCE's beta (0: plain InfoNCE)
-    ensemble: int = 1  # projection heads per side, trained with different seeds and averaged (model/heads.py)
+    ensemble: int = 1  # projection heads per side (1..MAX_ENSEMBLE), trained with different seeds and averaged
 
     @property
     def normalize(self) -> bool:
         """Embeddings are L2-normalised inside the loss (CLIP, SigLIP), not in the seed recipe."""
         return self.loss != "seed"
+
+
+MAX_ENSEMBLE = 16  # heads per side in one model (--ensemble)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import argparse
 import json
 from dataclasses import replace
 
+from ..config import MAX_ENSEMBLE
 from ..errors import UsageError
 from .common import add_data_source_args, add_runtime_args, cache_root, check_model, check_writable, read_source
 from .options import (
@@ -20,7 +21,7 @@ from .options import (
 )
 
 contrastive_batch = int_at_least(2, 1 << 20, name="contrastive_batch")  # one positive needs one negative at least
-ensemble_size = int_at_least(1, 16, name="ensemble_size")  # model.dual_encoder.MAX_ENSEMBLE heads per side
+ensemble_size = int_at_least(1, MAX_ENSEMBLE, name="ensemble_size")
 
 TRAIN_OVERRIDES = ("image_tower", "text_tower", "embed_dim", "head_layers", "loss", "temperature", "image_trainable",
                    "text_trainable", "epochs", "batch_size", "lr", "weight_decay", "captions_per_image", "seed",
@@ -67,7 +68,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     members = len({h["member"] for h in result.history if "member" in h})  # an ensemble trained now
     runs = f"{members} members, {len(result.history)} epochs in all" if members else f"{len(result.history)} epochs"
     print(f"trained {runs} ({len(train)} train / {len(val)} val images); "
-          f"last train loss {last.get('train_loss', float('nan')):.4f}, best val loss {best:.4f}"
+          f"last train loss {last.get('train_loss', float('nan')):.4f}, best {'val' if val else 'train'} loss "
+          f"{best:.4f}"
           f"{' (mean of the members)' if members else ''}")
     print(f"model written to {result.folder}")
     print(f"loss curve: {result.folder}/loss.png")

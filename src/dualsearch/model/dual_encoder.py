@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig, from_dict, to_dict
+from ..config import MAX_ENSEMBLE, ModelConfig, from_dict, to_dict
 from ..storage import atomic_path, write_text
 from .folder import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelError, read_model_config
 from .heads import EnsembleHead, ProjectionHead
@@ -28,7 +28,6 @@ from .prior import CLASSES, FusedTextHead, PriorHead, class_text_embeddings, par
 from .towers import ImageTower, TextTower, build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)
-MAX_ENSEMBLE = 16  # heads per side in one model (--ensemble)
 
 class DualEncoder(nn.Module):
     """``encode_image(pixels [B,3,H,W]) -> [B,D]``, ``encode_text(tokens) -> [B,D]``."""
@@ -44,9 +43,11 @@ class DualEncoder(nn.Module):
         self.image_tower.set_trainable(config.image_trainable)
         self.text_tower.set_trainable(config.text_trainable)
         d = config.embed_dim
-        if not 1 <= config.ensemble <= MAX_ENSEMBLE or (config.ensemble > 1 and config.head != "projection"):
-            raise ModelError(f"an ensemble is 1 to {MAX_ENSEMBLE} projection heads per side, got {config.ensemble} "
-                             f"with head {config.head!r}")
+        n = config.ensemble
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ENSEMBLE:
+            raise ModelError(f"ensemble must be a whole number of heads per side from 1 to {MAX_ENSEMBLE}, got {n!r}")
+        if n > 1 and config.head != "projection":
+            raise ModelError(f"an ensemble averages projection heads: not with head {config.head!r}")
         if config.head == "identity":  # CLIP-like towers already end in their projection
             for tower in (self.image_tower, self.text_tower):
                 if tower.output_dim != d:

@@ -81,8 +81,6 @@ class Filters(BaseModel):
     offset: int = Field(0, ge=0, le=100_000)
     sort: Literal["score", "date"] = "score"
     collapse: bool = Field(False, description="one image per group of near-duplicates")
-    qbnorm: bool = Field(True, description="rank a text query with the index's hubness correction (QB-Norm), "
-                                           "when it has one; false: by cosine alone")
     folders: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=32, alias="in")
     glob: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32)
     after: str | None = Field(None, max_length=32, description="taken on or after (YYYY-MM-DD)")
@@ -104,8 +102,12 @@ class Filters(BaseModel):
         return f or None
 
 
+QBNORM_HELP = "rank a text query with the index's hubness correction (QB-Norm), when it has one; false: by cosine alone"
+
+
 class CombinedQuery(Filters):
     q: str | None = Field(None, max_length=1000, description="text query")
+    qbnorm: bool = Field(True, description=QBNORM_HELP)
     add: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32,
                                                               description="texts that pull results toward them")
     subtract: list[Annotated[str, Field(max_length=1000)]] = Field(default_factory=list, max_length=32,
@@ -195,12 +197,13 @@ def _search_routes(app: FastAPI, live: LiveSearcher, sources: Sources, max_k: in
         return k
 
     @app.get("/api/search", response_model=SearchResponse)
-    def search_text(f: Annotated[Filters, Query()], q: str = Query("", max_length=1000), k: int = Query(9, ge=1)):
+    def search_text(f: Annotated[Filters, Query()], q: str = Query("", max_length=1000), k: int = Query(9, ge=1),
+                    qbnorm: bool = Query(True, description=QBNORM_HELP)):
         if not q and f.sort != "date":
             raise HTTPException(422, "give q (text), or sort=date to list images newest first")
         s = live()
         return _answer(s, q, lambda: s.search_page(q or None, k=check_k(k), where=f.where(), offset=f.offset,
-                                                   sort=f.sort, collapse=f.collapse, qbnorm=f.qbnorm))
+                                                   sort=f.sort, collapse=f.collapse, qbnorm=qbnorm))
 
     @app.post("/api/search", response_model=SearchResponse)
     def search_combined(body: CombinedQuery):

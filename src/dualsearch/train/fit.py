@@ -243,8 +243,9 @@ def fit(mcfg: ModelConfig, tcfg: TrainConfig, train: Sequence[ImageCaption], val
     train, val = _first_captions(train, tcfg.captions_per_image), _first_captions(val, tcfg.captions_per_image)
     _check_inputs(tcfg, train)
     _check_loss_options(init_model.config if init_model is not None else mcfg, tcfg)
-    if init_model is None and mcfg.ensemble > 1:
+    if init_model is None:
         check_ensemble(mcfg, fine_tuning=False)
+    if init_model is None and mcfg.ensemble > 1:
         return _fit_ensemble(mcfg, tcfg, train, val, out, cache_dir if use_cache else None, extra,
                              {"use_cache": use_cache, "accelerator": accelerator, "devices": devices,
                               "num_workers": num_workers, "progress": progress, "cache_activations": cache_activations})
@@ -300,37 +301,57 @@ ALIGN_IMAGES = 4096  # training images (and their captions) the members' spaces 
 def _fit_ensemble(mcfg: ModelConfig, tcfg: TrainConfig, train: list[ImageCaption], val: list[ImageCaption],
                   out, cache_dir, extra: dict | None, options: dict) -> FitResult:
     """Train ``mcfg.ensemble`` single-head members (seeds ``tcfg.seed + 1000 i``), each early-stopped
-    on ``val`` as :func:`fit` does, then merge them (:func:`_merged`). A member stopped by Ctrl-C or
-    a diverging run ends the ensemble there: the members so far, with the stopped member's best
-    epoch, are merged and written, and the error says so (``error.result``)."""
+    on ``val`` as :func:`fit` does, then merge them (:func:`_merged`). Ctrl-C or a diverging run in a
+    member ends the ensemble there: the members so far (with the stopped member's best epoch, if it
+    finished one) are merged and written, and the error says so (``error.result``); a Ctrl-C while
+    merging writes the first member alone."""
     n, members, history, best = mcfg.ensemble, [], [], []
+    save = lambda model: save_run(model, out, tcfg, train, val, history, extra) if out is not None else None  # noqa: E731
     for i in range(n):
         log.info("ensemble member %d of %d", i + 1, n)
         try:
             res = fit(replace(mcfg, ensemble=1), replace(tcfg, seed=tcfg.seed + ENSEMBLE_SEED_STRIDE * i), train,
                       val, None, cache_dir=cache_dir, extra=extra, **options)
-        except (Interrupted, TrainingError) as e:
+        except (Interrupted, TrainingError, KeyboardInterrupt) as e:
             partial = getattr(e, "result", None) is not None
             if partial:
                 members.append(e.result.model)
                 history += [{**h, "member": i + 1} for h in e.result.history]
             if not members:
                 raise
-            model = _merged(members, train, cache_dir)
-            folder = save_run(model, out, tcfg, train, val, history, extra) if out is not None else None
-            where = f"written to {folder}" if folder is not None else "kept in error.result"
-            what = "stopped" if isinstance(e, Interrupted) else f"{e.__cause__ or e}:"
-            error = type(e)(f"{what} in ensemble member {i + 1} of {n}; the {len(members)} member(s) trained so far "
-                            f"{'(the last at its best epoch) ' if partial else ''}were merged and {where}")
-            error.result = FitResult(model, folder, history, None)
-            raise error from e
+            note = " (the last at its best epoch)" if partial else ""
+            model, kept = _merged_or_first(members, train, cache_dir, note)
+            _stopped(e, f"in ensemble member {i + 1} of {n}", model, kept, save(model), history)
         members.append(res.model)
         history += [{**h, "member": i + 1} for h in res.history]
         best.append(res.best_val_loss)
-    model = _merged(members, train, cache_dir)
-    folder = save_run(model, out, tcfg, train, val, history, extra) if out is not None else None
+    model, kept = _merged_or_first(members, train, cache_dir)
+    if model is members[0]:
+        _stopped(KeyboardInterrupt(), f"while merging the {n} members", model, kept, save(model), history)
     scores = [b for b in best if b is not None]
-    return FitResult(model, folder, history, float(np.mean(scores)) if scores else None)
+    return FitResult(model, save(model), history, float(np.mean(scores)) if scores else None)
+
+
+def _merged_or_first(members: list[DualEncoder], train, cache_dir, note: str = "") -> tuple[DualEncoder, str]:
+    """(:func:`_merged` of the members, what it holds, with ``note``); a Ctrl-C while merging: the
+    first member alone (a model of its own), so that the trained members are not all lost."""
+    try:
+        if len(members) == 1:
+            return members[0], f"the member trained so far{note} was"
+        return _merged(members, train, cache_dir), f"the {len(members)} members trained so far{note} were merged and"
+    except KeyboardInterrupt:
+        return members[0], f"member 1 alone of the {len(members)} trained (merging was stopped) was"
+
+
+def _stopped(error: BaseException, where: str, model: DualEncoder, kept: str, folder: Path | None,
+             history: list[dict]) -> None:
+    """Raise ``error`` again as the one-line error of a stopped ensemble: what was kept and where."""
+    saved = f"written to {folder}" if folder is not None else "kept in error.result"
+    stopped = isinstance(error, (Interrupted, KeyboardInterrupt))
+    kind = Interrupted if stopped else type(error)
+    new = kind(f"{'stopped' if stopped else f'{error.__cause__ or error}:'} {where}; {kept} {saved}")
+    new.result = FitResult(model, folder, history, None)
+    raise new from error
 
 
 def _merged(members: list[DualEncoder], train: Sequence[ImageCaption], cache_dir) -> DualEncoder:

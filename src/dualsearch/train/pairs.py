@@ -2,6 +2,7 @@
 activations at a tower's cut point, or raw inputs."""
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -20,6 +21,7 @@ from ..encode.loader import default_workers
 from ..errors import UsageError
 
 MIN_TRAIN_IMAGES = 2  # a contrastive batch needs a negative
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,9 @@ def topics_of(ds: Pairs, tcfg: TrainConfig) -> np.ndarray:
     item of ``pairs="all"`` is a caption: its image's topic); the text side must be ``features``
     (:func:`check_topic_batches`)."""
     clusters = round(len(ds) / tcfg.batch_size)
+    if clusters <= 1:
+        log.warning("--topic-batches: %d training items fill about one batch of %d, so there is one topic: "
+                    "batches are drawn as without it", len(ds), tcfg.batch_size)
     topics = caption_topics(ds.txt.numpy(), ds.owner, len(ds.records), clusters, tcfg.seed)
     return topics[ds.owner] if ds.pairs == "all" else topics
 

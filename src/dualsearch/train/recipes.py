@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import ModelConfig, TrainConfig
+from ..config import MAX_ENSEMBLE, ModelConfig, TrainConfig
 from ..errors import ConfigError, UsageError
 
 MINILM_DIM = 384  # minilm-l6's features, kept beside the heads' output by a fused prior ("conse:T:W")
@@ -69,9 +69,13 @@ def recipe(name: str, **overrides) -> tuple[ModelConfig, TrainConfig]:
 
 def check_ensemble(mcfg: ModelConfig, fine_tuning: bool) -> None:
     """An ensemble (``mcfg.ensemble`` > 1) trains new heads on frozen towers, its members sharing
-    one copy of each tower: raises :class:`~dualsearch.errors.UsageError` with ``fine_tuning`` (an
+    one copy of each tower: raises :class:`~dualsearch.errors.UsageError` for a size that is not a
+    whole number from 1 to ``MAX_ENSEMBLE``, and for more than one head with ``fine_tuning`` (an
     existing model) or a trainable tower."""
-    if mcfg.ensemble == 1:
+    n = mcfg.ensemble
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ENSEMBLE:
+        raise UsageError(f"--ensemble must be a whole number from 1 to {MAX_ENSEMBLE}, got {n!r}")
+    if n == 1:
         return
     if fine_tuning:
         raise UsageError("--ensemble trains new heads: it does not go with --init (fine-tuning one model)")

@@ -73,3 +73,26 @@ def test_one_topic_is_said_and_a_run_without_validation_reports_its_train_loss(t
     out = capsys.readouterr().out
     assert "(120 train / 0 val images)" in out and "best train loss" in out and "val loss" not in out
     assert "--topic-batches: 120 training items fill about one batch of 256, so there is one topic" in caplog.text
+
+
+def test_a_validation_set_of_one_image_is_dropped_with_a_warning(tmp_path, shapes_data, tiny_text_model,
+                                                                tiny_vision_model, capsys, caplog):
+    """One held-out image gives a contrastive loss of 0 every epoch: early stopping on it would keep
+    epoch 1, so training monitors the training loss instead, and says so."""
+    import json
+
+    from dualsearch.cli import main
+
+    captions, root = shapes_data
+    doc = json.loads(captions.read_text())
+    one = tmp_path / "one.json"
+    first = doc["images"][0]["id"]
+    one.write_text(json.dumps({"images": doc["images"][:1],
+                               "annotations": [a for a in doc["annotations"] if a["image_id"] == first]}))
+    assert main(["train", "--captions", str(captions), "--images", str(root), "--out", str(tmp_path / "m"),
+                 "--val-captions", str(one), "--val-images", str(root),
+                 "--image-tower", f"hf:{tiny_vision_model}", "--text-tower", f"hf:{tiny_text_model}",
+                 "--embed-dim", "16", "--epochs", "2", "--batch-size", "64", "--ensemble", "1",
+                 "--cache-dir", str(tmp_path / "c")]) == 0
+    assert "1 usable validation image(s): a contrastive loss needs 2" in caplog.text
+    assert "best train loss" in capsys.readouterr().out

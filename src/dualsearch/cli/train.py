@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 
 from ..config import MAX_ENSEMBLE
@@ -66,9 +67,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     last = result.history[-1] if result.history else {}
     best = result.best_val_loss if result.best_val_loss is not None else float("nan")
     members = len({h["member"] for h in result.history if "member" in h})  # an ensemble trained now
+    validated = any(math.isfinite(h.get("val_loss", math.nan)) for h in result.history)  # else monitored train loss
     runs = f"{members} members, {len(result.history)} epochs in all" if members else f"{len(result.history)} epochs"
     print(f"trained {runs} ({len(train)} train / {len(val)} val images); "
-          f"last train loss {last.get('train_loss', float('nan')):.4f}, best {'val' if val else 'train'} loss "
+          f"last train loss {last.get('train_loss', float('nan')):.4f}, best {'val' if validated else 'train'} loss "
           f"{best:.4f}"
           f"{' (mean of the members)' if members else ''}")
     print(f"model written to {result.folder}")

@@ -236,7 +236,8 @@ def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
     """(train, val or None) DataLoaders; a side whose tower is frozen (``features``) or cut
     (``activations``) reads what was computed once through the cache under ``cache_root`` (None:
     no cache), a ``raw`` side reads raw inputs. Raises :class:`DataError` when fewer than
-    ``MIN_TRAIN_IMAGES`` training images are left once unreadable ones are dropped. ``progress``:
+    ``MIN_TRAIN_IMAGES`` training images are left once unreadable ones are dropped; a validation
+    set with fewer is dropped with a warning (its contrastive loss would be 0). ``progress``:
     feature steps show their progress (:func:`dualsearch.logs.progress`)."""
     image_cached = sides[0].kind != "raw"
 
@@ -250,6 +251,11 @@ def build_loaders(model, tcfg: TrainConfig, train: Sequence[ImageCaption],
         raise DataError(f"{len(train_ds.records)} training images left after decoding; a contrastive batch "
                         f"needs at least {MIN_TRAIN_IMAGES}")
     val_ds = dataset(val, True) if val else None
+    if val_ds is not None and len(val_ds.records) < MIN_TRAIN_IMAGES:  # one image: its contrastive loss is 0
+        log.warning("%d usable validation image(s): a contrastive loss needs %d, so training stops early on the "
+                    "training loss instead (give more with --val-fraction or --val-captions)", len(val_ds.records),
+                    MIN_TRAIN_IMAGES)
+        val_ds = None
     workers = 0 if image_cached else (default_workers() if num_workers is None else num_workers)
     # no persistent workers: a fresh iterator each epoch draws its seeds as the cached path's
     # does, so both paths see the same batches in every epoch

@@ -38,7 +38,7 @@ from ..config import ModelConfig, TrainConfig, to_dict
 from ..data.readers import DataError
 from ..data.records import ImageCaption
 from ..encode.activations import image_bytes
-from ..encode.features import embed_records, fill_image_prior
+from ..encode.features import apply_head, fill_image_prior, tower_features
 from ..errors import Interrupted, UsageError
 from ..model.dual_encoder import DualEncoder
 from ..model.ensemble import head_outputs, merge
@@ -355,15 +355,13 @@ def _stopped(error: BaseException, where: str, model: DualEncoder, kept: str, fo
 
 
 def _merged(members: list[DualEncoder], train: Sequence[ImageCaption], cache_dir) -> DualEncoder:
-    """One model of the members (a lone member as it is), their spaces aligned on up to
-    :data:`ALIGN_IMAGES` training images and their captions (:func:`dualsearch.model.ensemble.merge`)."""
-    if len(members) == 1:
-        return members[0]
+    """One model of the members (2 or more), their spaces aligned on up to :data:`ALIGN_IMAGES`
+    training images and their captions (:func:`dualsearch.model.ensemble.merge`). The members share
+    their frozen towers, so the towers' features are read once and each member's heads applied."""
     sample = list(train[:: max(1, len(train) // ALIGN_IMAGES)])
-    outputs = []
-    for m in members:
-        emb = embed_records(m, sample, cache_dir, show_progress=False)
-        outputs.append(head_outputs(m, np.concatenate([emb.image_emb, emb.text_emb])))
+    f = tower_features(members[0], sample, cache_dir, show_progress=False)
+    outputs = [head_outputs(m, np.concatenate([apply_head(m.image_head, f.image), apply_head(m.text_head, f.text)]))
+               for m in members]
     return merge(members, outputs)
 
 

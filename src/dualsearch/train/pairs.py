@@ -175,14 +175,14 @@ def caption_topics(text_feats: np.ndarray, owner: np.ndarray, n_images: int, clu
     caption)."""
     import faiss
 
+    k = min(max(1, clusters), n_images)
+    if k == 1:
+        return np.zeros(n_images, np.int64)
     feats = text_feats.astype(np.float32)
     feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     mean = np.zeros((n_images, feats.shape[1]), np.float32)
     np.add.at(mean, owner, feats)
     mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-    k = min(max(1, clusters), n_images)
-    if k == 1:
-        return np.zeros(n_images, np.int64)
     km = faiss.Kmeans(mean.shape[1], k, niter=20, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
     km.train(mean)
     return km.index.search(mean, 1)[1][:, 0].astype(np.int64)

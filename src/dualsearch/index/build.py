@@ -96,6 +96,18 @@ class IndexJob:
     device: str = "cpu"
     t0: float = field(default_factory=time.perf_counter)
     _model: DualEncoder | None = None
+    _query_encoder: Callable[[Sequence[str]], np.ndarray] | None = None
+
+    @property
+    def query_encoder(self) -> Callable[[Sequence[str]], np.ndarray]:
+        """Texts -> unit vectors ``[n, D]`` as queries are encoded: the index's ONNX text encoder,
+        else the torch model; loaded once a run (the calibration and the hubness statistics share it)."""
+        if self._query_encoder is None:
+            from ..encode.onnx_encoders import load_text_encoder
+
+            encoder = load_text_encoder(self.out / TEXT_ENCODER_DIR, self.model_hash)
+            self._query_encoder = encoder.embed if encoder is not None else self.model.embed_texts
+        return self._query_encoder
 
     @property
     def model(self) -> DualEncoder:
@@ -363,21 +375,12 @@ def _calibration(job: IndexJob, index) -> dict:
     """The manifest's ``calibration`` (weak-match floor, :func:`.photos.calibrate`) and
     ``examples`` (queries for a landing page: the model's own, else the unrelated-query bank's
     best matches on this index)."""
-    entry = calibrate(job.out, job.catalog, job.dim, _query_encoder(job), index.search)
+    entry = calibrate(job.out, job.catalog, job.dim, job.query_encoder, index.search)
     if entry is None:
         return {"calibration": None, "examples": []}
     examples = read_model_config(job.model_path).get("example_queries") or entry.pop("best_bank_queries")
     entry.pop("best_bank_queries", None)
     return {"calibration": entry, "examples": list(examples)[:8]}
-
-
-def _query_encoder(job: IndexJob) -> Callable[[Sequence[str]], np.ndarray]:
-    """Texts -> unit vectors ``[n, D]`` as queries are encoded: the index's ONNX text encoder, else
-    the torch model."""
-    from ..encode.onnx_encoders import load_text_encoder
-
-    encoder = load_text_encoder(job.out / TEXT_ENCODER_DIR, job.model_hash)
-    return encoder.embed if encoder is not None else job.model.embed_texts
 
 
 def _hubness(job: IndexJob, known: "qbnorm.KnownOffsets | None" = None) -> dict:
@@ -389,14 +392,14 @@ def _hubness(job: IndexJob, known: "qbnorm.KnownOffsets | None" = None) -> dict:
         for stale in (qbnorm.STATS_FILE, qbnorm.BANK_FILE):
             (job.out / stale).unlink(missing_ok=True)
         return {"qbnorm": None}
-    return {"qbnorm": qbnorm.update(job.out, job.catalog, job.dim, bank[0], bank[1], _query_encoder(job), known)}
+    return {"qbnorm": qbnorm.update(job.out, job.catalog, job.dim, bank[0], bank[1], job.query_encoder, known)}
 
 
 def _embedded_bank(job: IndexJob) -> "qbnorm.Bank | None":
     """The model's query bank embedded as queries are (:func:`.qbnorm.embedded_bank`), for the
     distributed build's tasks; None when the model has none (a warning for a damaged one)."""
     bank = qbnorm.bank_for(job.model_path)
-    return qbnorm.embedded_bank(job.out, bank[0], bank[1], _query_encoder(job)) if bank is not None else None
+    return qbnorm.embedded_bank(job.out, bank[0], bank[1], job.query_encoder) if bank is not None else None
 
 
 def relocate(out: str | os.PathLike, old: str, new: str) -> int:
